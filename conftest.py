@@ -1,0 +1,19 @@
+"""Project-wide test fixtures: real PostgreSQL and Redis, or a clear failure."""
+import pytest
+from django.core.cache import cache
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """Refuse to run database tests on anything but PostgreSQL (the README's test command sets it)."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.exit("Tests need PostgreSQL: run them with `make test` (DATABASE_URL=postgres://…).", returncode=2)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _clear_cache():
+    cache.clear()
+    yield

@@ -1,0 +1,66 @@
+"""Where models are served: upstream vLLM servers and the routes to them."""
+from django.core.validators import MinValueValidator, URLValidator
+from django.db import models
+from django.db.models import Q
+
+from qwenhub.models import TimestampedModel
+
+
+class Upstream(TimestampedModel):
+    """One vLLM server (or replica), addressed as an OpenAI client would."""
+
+    name = models.SlugField(max_length=64, unique=True)
+    # e.g. http://gpu-host:8000/v1
+    base_url = models.CharField(max_length=500, validators=[URLValidator(schemes=["http", "https"])])
+    # vLLM's --api-key; stays between the gateway and vLLM, never sent to members.
+    api_key = models.CharField(max_length=500, blank=True)
+    enabled = models.BooleanField(default=True)
+    # vLLM's --max-num-seqs: how many sequences it runs at once.
+    max_concurrency = models.PositiveIntegerField(default=256, validators=[MinValueValidator(1)])
+
+    class Meta:
+        constraints = [models.CheckConstraint(condition=Q(max_concurrency__gte=1), name="upstream_concurrency_pos")]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class PublicModel(TimestampedModel):
+    """A model name members use in requests, e.g. "qwen2.5-7b-instruct"."""
+
+    name = models.CharField(max_length=200, unique=True)
+    # Completion-token bound reserved against quota when a request names no max_tokens.
+    default_max_tokens = models.PositiveIntegerField(default=4096)
+    # Context window; bounds what one request can cost.
+    max_model_len = models.PositiveIntegerField(default=32768)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ModelAlias(models.Model):
+    """Another name for a PublicModel (e.g. "gpt-4o-mini" → "qwen2.5-7b-instruct")."""
+
+    alias = models.CharField(max_length=200, unique=True)
+    model = models.ForeignKey(PublicModel, on_delete=models.CASCADE, related_name="aliases")
+
+    class Meta:
+        verbose_name_plural = "model aliases"
+
+    def __str__(self) -> str:
+        return self.alias
+
+
+class ModelRoute(TimestampedModel):
+    """A PublicModel served by an Upstream under the upstream's own model name."""
+
+    model = models.ForeignKey(PublicModel, on_delete=models.CASCADE, related_name="routes")
+    upstream = models.ForeignKey(Upstream, on_delete=models.CASCADE, related_name="routes")
+    # The name vLLM knows (its --served-model-name).
+    served_name = models.CharField(max_length=200)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["model", "upstream"], name="uniq_route_model_upstream")]
+
+    def __str__(self) -> str:
+        return f"{self.model} → {self.upstream}:{self.served_name}"

@@ -1,0 +1,169 @@
+"""QwenHub settings: one file, driven by the environment.
+
+With no variables set QwenHub runs embedded: SQLite (WAL), a local-memory cache,
+Celery tasks run in-process, and the built-in vLLM simulator as the upstream.
+Production sets DATABASE_URL (PostgreSQL), REDIS_URL, EMAIL_URL, SECRET_KEY,
+DEBUG=false and ALLOWED_HOSTS. `.env.example` documents every variable.
+"""
+from pathlib import Path
+
+import environ
+from celery.schedules import crontab
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env")  # the real environment wins
+
+DEV_SECRET_KEY = "django-insecure-qwenhub-dev-only"
+# Embedded mode (no DATABASE_URL) is for one laptop and defaults to DEBUG on;
+# anything pointed at a real database defaults to DEBUG off.
+EMBEDDED = not env("DATABASE_URL", default="")
+DEBUG = env.bool("DEBUG", default=EMBEDDED)
+SECRET_KEY = env("SECRET_KEY", default=DEV_SECRET_KEY)
+ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+if not DEBUG and SECRET_KEY.startswith("django-insecure-"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(
+        "QwenHub refuses to start with DEBUG off and the development SECRET_KEY. "
+        "Set SECRET_KEY to a long random value (python -c 'import secrets; "
+        "print(secrets.token_urlsafe(50))'), or set DEBUG=true for local development."
+    )
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "tenants",
+    "proxy",
+    "billing",
+]
+
+# The /v1 gateway does not pass through this stack: qwenhub.asgi sends /v1 to
+# proxy.gateway directly, so no sync middleware sits on the hot path.
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "qwenhub.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+WSGI_APPLICATION = "qwenhub.wsgi.application"
+ASGI_APPLICATION = "qwenhub.asgi.application"
+
+DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            # WAL lets the dashboards read while the gateway writes usage rows.
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 20,
+        }
+    )
+else:
+    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("CONN_MAX_AGE", default=60))
+    DATABASES["default"].setdefault("CONN_HEALTH_CHECKS", True)
+    # Fail fast when PostgreSQL is down instead of hanging the gateway.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
+        "connect_timeout", env.int("QWENHUB_DB_CONNECT_TIMEOUT", default=3)
+    )
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# One Redis for the cache, rate limits, fair queueing and the Celery broker.
+REDIS_URL = env("REDIS_URL", default="")
+CACHE_URL = env("CACHE_URL", default=REDIS_URL)
+if CACHE_URL.startswith(("redis://", "rediss://", "unix://")):
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": CACHE_URL,
+            "KEY_PREFIX": "qh",
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# Redis used by the gateway for rate limits and fair queueing ("" = per-process only).
+QWENHUB_LIMITS_REDIS_URL = env("QWENHUB_LIMITS_REDIS_URL", default=REDIS_URL)
+
+CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "memory://")
+CELERY_RESULT_BACKEND = env("CELERY_RESULT_BACKEND", default=None)
+CELERY_TASK_ALWAYS_EAGER = env.bool(
+    "CELERY_TASK_ALWAYS_EAGER", default=CELERY_BROKER_URL == "memory://"
+)
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULE = {
+    "proxy-upstreams-health": {  # every 10 s: marks upstreams down and up again
+        "task": "proxy.tasks.upstreams_health_task",
+        "schedule": 10.0,
+        "options": {"expires": 9},
+    },
+}
+
+EMAIL_CONFIG = env.email("EMAIL_URL", default="consolemail://")
+vars().update(EMAIL_CONFIG)
+DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="QwenHub <qwenhub@localhost>")
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}
+
+# --- QwenHub's own knobs -------------------------------------------------------
+# Upstream used by `manage.py demo` and `make run` (the built-in simulator).
+QWENHUB_SIMULATOR_URL = env("QWENHUB_SIMULATOR_URL", default="http://127.0.0.1:8001/v1")
+# Largest request body the gateway accepts (bytes); larger → 413.
+QWENHUB_MAX_BODY_BYTES = env.int("QWENHUB_MAX_BODY_BYTES", default=2 * 1024 * 1024)
+# How long an API key's record is cached in each gateway process (revocation delay).
+QWENHUB_KEY_CACHE_SECONDS = env.float("QWENHUB_KEY_CACHE_SECONDS", default=3.0)
+# Seconds to wait for an upstream's first byte before answering 504.
+QWENHUB_UPSTREAM_TIMEOUT = env.float("QWENHUB_UPSTREAM_TIMEOUT", default=600.0)
+QWENHUB_UPSTREAM_CONNECT_TIMEOUT = env.float("QWENHUB_UPSTREAM_CONNECT_TIMEOUT", default=3.0)
+# Seconds between upstream /health checks run by each gateway process.
+QWENHUB_HEALTH_INTERVAL = env.float("QWENHUB_HEALTH_INTERVAL", default=5.0)
+# Token used to scrape the gateway's /metrics (empty: loopback only).
+QWENHUB_METRICS_TOKEN = env("QWENHUB_METRICS_TOKEN", default="")

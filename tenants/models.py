@@ -1,0 +1,123 @@
+"""Teams, their members, members' API keys, and the audit trail."""
+import zoneinfo
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+
+from qwenhub.models import TimestampedModel
+
+CURRENCY_INVALID = "Currency must be a three-letter ISO 4217 code such as CNY, USD or EUR."
+TIMEZONE_INVALID = "Unknown time zone {value!r}: use an IANA name such as Asia/Shanghai."
+
+currency_validator = RegexValidator(r"^[A-Z]{3}$", CURRENCY_INVALID)
+
+
+def validate_timezone(value: str) -> None:
+    if value not in zoneinfo.available_timezones():
+        raise ValidationError(TIMEZONE_INVALID.format(value=value))
+
+
+class Team(TimestampedModel):
+    slug = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=200)
+    timezone = models.CharField(max_length=64, default="UTC", validators=[validate_timezone])
+    currency = models.CharField(max_length=3, default="CNY", validators=[currency_validator])
+    monthly_cost = models.DecimalField(
+        max_digits=14, decimal_places=2, default=0, validators=[MinValueValidator(0)]
+    )
+    # Team-wide monthly token cap on top of the members' own quotas (null = none).
+    token_cap = models.BigIntegerField(null=True, blank=True, validators=[MinValueValidator(0)])
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(monthly_cost__gte=0), name="team_cost_nonneg"),
+            models.CheckConstraint(condition=Q(currency__regex=r"^[A-Z]{3}$"), name="team_currency_iso"),
+        ]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Member(TimestampedModel):
+    class Role(models.TextChoices):
+        MEMBER = "member"
+        ADMIN = "admin"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="members")
+    role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    # Monthly quotas; null means unlimited.
+    request_quota = models.BigIntegerField(null=True, blank=True, validators=[MinValueValidator(0)])
+    token_quota = models.BigIntegerField(null=True, blank=True, validators=[MinValueValidator(0)])
+    # Rate limits; null means unlimited.
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True)
+    # Share of a saturated upstream relative to other members (fair queueing).
+    weight = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1)])
+    # Models this member may call; empty means every model.
+    allowed_models = models.ManyToManyField("proxy.PublicModel", blank=True, related_name="+")
+    is_active = models.BooleanField(default=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["team", "user"], name="uniq_member_team_user"),
+            models.CheckConstraint(condition=Q(request_quota__gte=0), name="member_request_quota_nonneg"),
+            models.CheckConstraint(condition=Q(token_quota__gte=0), name="member_token_quota_nonneg"),
+            models.CheckConstraint(condition=Q(weight__gte=1), name="member_weight_pos"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.user.get_username()}@{self.team.slug}"
+
+
+class ApiKey(TimestampedModel):
+    member = models.ForeignKey(Member, on_delete=models.CASCADE, related_name="api_keys")
+    label = models.CharField(max_length=100, blank=True)
+    # Shown in lists so people can tell keys apart; never enough to use the key.
+    prefix = models.CharField(max_length=16, db_index=True)
+    # "sha256$<hex>" of the full key; the key itself is never stored.
+    key_hash = models.CharField(max_length=80, unique=True, editable=False)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.label or 'no label'})"
+
+
+class AuditEvent(models.Model):
+    """An append-only record of a state change: who, when, what and why."""
+
+    class Kind(models.TextChoices):
+        TEAM_CREATED = "team_created"
+        MEMBER_ADDED = "member_added"
+        MEMBER_UPDATED = "member_updated"
+        KEY_ISSUED = "key_issued"
+        KEY_IMPORTED = "key_imported"
+        KEY_REVOKED = "key_revoked"
+        QUOTA_TOPPED_UP = "quota_topped_up"
+        QUOTA_RESET = "quota_reset"
+        UPSTREAM_ADDED = "upstream_added"
+
+    team = models.ForeignKey(Team, on_delete=models.PROTECT, null=True, blank=True, related_name="audit_events")
+    member = models.ForeignKey(Member, on_delete=models.PROTECT, null=True, blank=True, related_name="audit_events")
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    subject_id = models.BigIntegerField(null=True, blank=True)
+    reason = models.CharField(max_length=500, blank=True)
+    data = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [
+            # The member's and the team's history pages list newest first.
+            models.Index(fields=["member", "-created_at"], name="audit_member_created"),
+            models.Index(fields=["team", "-created_at"], name="audit_team_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} at {self.created_at:%Y-%m-%d %H:%M}"
