@@ -8,7 +8,6 @@ DEBUG=false and ALLOWED_HOSTS. `.env.example` documents every variable.
 from pathlib import Path
 
 import environ
-from celery.schedules import crontab
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
@@ -19,7 +18,7 @@ DEV_SECRET_KEY = "django-insecure-qwenhub-dev-only"
 # anything pointed at a real database defaults to DEBUG off.
 EMBEDDED = not env("DATABASE_URL", default="")
 DEBUG = env.bool("DEBUG", default=EMBEDDED)
-SECRET_KEY = env("SECRET_KEY", default=DEV_SECRET_KEY)
+SECRET_KEY = env("SECRET_KEY", default="") or DEV_SECRET_KEY  # empty counts as unset
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
@@ -117,13 +116,8 @@ CELERY_TASK_ALWAYS_EAGER = env.bool(
 )
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TIMEZONE = "UTC"
-CELERY_BEAT_SCHEDULE = {
-    "proxy-upstreams-health": {  # every 10 s: marks upstreams down and up again
-        "task": "proxy.tasks.upstreams_health_task",
-        "schedule": 10.0,
-        "options": {"expires": 9},
-    },
-}
+# Billing's monthly close will be scheduled here (crontab, with an expiry).
+CELERY_BEAT_SCHEDULE: dict = {}
 
 EMAIL_CONFIG = env.email("EMAIL_URL", default="consolemail://")
 vars().update(EMAIL_CONFIG)
@@ -160,6 +154,8 @@ QWENHUB_SIMULATOR_URL = env("QWENHUB_SIMULATOR_URL", default="http://127.0.0.1:8
 QWENHUB_MAX_BODY_BYTES = env.int("QWENHUB_MAX_BODY_BYTES", default=2 * 1024 * 1024)
 # How long an API key's record is cached in each gateway process (revocation delay).
 QWENHUB_KEY_CACHE_SECONDS = env.float("QWENHUB_KEY_CACHE_SECONDS", default=3.0)
+# How long each gateway process caches the routing table (models, aliases, upstreams).
+QWENHUB_ROUTES_CACHE_SECONDS = env.float("QWENHUB_ROUTES_CACHE_SECONDS", default=5.0)
 # Seconds to wait for an upstream's first byte before answering 504.
 QWENHUB_UPSTREAM_TIMEOUT = env.float("QWENHUB_UPSTREAM_TIMEOUT", default=600.0)
 QWENHUB_UPSTREAM_CONNECT_TIMEOUT = env.float("QWENHUB_UPSTREAM_CONNECT_TIMEOUT", default=3.0)

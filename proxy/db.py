@@ -1,0 +1,39 @@
+"""Database calls from the async gateway: a worker thread each, never a hang.
+
+The gateway runs its few statements in a thread pool (each thread keeps its own
+persistent connection). A broken connection is closed so the next call opens a
+fresh one; the failing call turns into a 503 that the OpenAI SDK retries.
+"""
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+from asgiref.sync import sync_to_async
+from django.db import DatabaseError, InterfaceError, OperationalError, connection
+
+from proxy.errors import DATABASE_UNAVAILABLE, ApiError
+
+log = logging.getLogger("qwenhub.gateway")
+T = TypeVar("T")
+
+
+class DatabaseUnavailable(ApiError):
+    def __init__(self) -> None:
+        super().__init__(503, DATABASE_UNAVAILABLE, "service_unavailable", code="database_unavailable")
+
+
+def _guarded(fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+    try:
+        return fn(*args, **kwargs)
+    except (OperationalError, InterfaceError) as exc:
+        log.warning("database unavailable: %s", exc.__class__.__name__)
+        try:
+            connection.close()
+        except DatabaseError:
+            pass
+        raise DatabaseUnavailable() from exc
+
+
+async def run_db(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Run fn(*args, **kwargs) in a database thread; raise DatabaseUnavailable if it cannot."""
+    return await sync_to_async(_guarded, thread_sensitive=False)(fn, args, kwargs)

@@ -1,0 +1,499 @@
+"""The OpenAI-compatible /v1 gateway: a lean ASGI app in front of vLLM.
+
+qwenhub.asgi sends every /v1 request here; everything else goes to Django.
+The request path (../DESIGN.md): authenticate (cached) → validate → route →
+reserve quota (1 statement) → forward with a pooled aiohttp session, streaming
+bytes as they arrive → settle (1 statement), whatever happened. Nothing on this
+path goes through Django's middleware or its sync machinery.
+"""
+import asyncio
+import logging
+import secrets
+import time
+
+import aiohttp
+import orjson
+from django.conf import settings
+from django.utils import timezone
+
+from billing.models import UsageRecord
+from proxy import errors
+from proxy.admission import reserve
+from proxy.errors import ApiError, invalid_request
+from proxy.keys import KeyInfo, authenticate, extract_key
+from proxy.metering import Usage, UsageRow, settle
+from proxy.upstream import Route, Router, UpstreamState
+
+log = logging.getLogger("qwenhub.gateway")
+
+ENDPOINTS = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/embeddings": "embeddings",
+}
+REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+OVERHEAD_HEADER = b"x-qwenhub-overhead-ms"
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+JSON_HEADERS = [(b"content-type", b"application/json")]
+DONE = b"data: [DONE]\n\n"
+# A prompt token is at least one byte of the request body, whose JSON syntax
+# also outweighs the chat template's tokens; this covers what is left over.
+PROMPT_BOUND_SLACK = 64
+
+
+class ClientGone(Exception):
+    """The client closed the connection."""
+
+
+class Exchange:
+    """One /v1 request as the gateway handles it."""
+
+    __slots__ = ("scope", "receive", "send", "request_id", "t0", "upstream_wait", "headers_sent", "out_headers",
+                 "gone", "complete")
+
+    def __init__(self, scope, receive, send) -> None:
+        self.scope, self.receive, self.send = scope, receive, send
+        self.request_id = "req_" + secrets.token_hex(16)
+        self.t0 = time.perf_counter()
+        self.upstream_wait = 0.0  # seconds spent waiting on the upstream
+        self.headers_sent = False
+        self.out_headers: list[tuple[bytes, bytes]] = []
+        self.gone = False  # the client disconnected before the response was complete
+        self.complete = False  # the last byte of the response was handed to the server
+
+    async def watch_disconnect(self, task: asyncio.Task) -> None:
+        """Cancel task when the client goes away, so the upstream request is dropped at once."""
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        if not self.complete:
+            self.gone = True
+            task.cancel()
+
+    async def body(self, data: bytes, more: bool) -> None:
+        if not more:
+            self.complete = True
+        try:
+            await self.send({"type": "http.response.body", "body": data, "more_body": more})
+        except OSError:
+            self.gone = True
+            raise ClientGone() from None
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.t0) * 1000
+
+    def overhead_ms(self) -> float:
+        return self.elapsed_ms() - self.upstream_wait * 1000
+
+    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        headers = headers + self.out_headers + [
+            (b"x-request-id", self.request_id.encode()),
+            (OVERHEAD_HEADER, f"{self.overhead_ms():.2f}".encode()),
+        ]
+        self.headers_sent = True
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def respond(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = JSON_HEADERS) -> None:
+        await self.start(status, headers)
+        await self.body(body, False)
+
+    async def read_body(self, limit: int) -> bytes:
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise invalid_request(errors.BODY_TOO_LARGE.format(limit=limit), code="request_too_large", status=413)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+
+class Gateway:
+    """The ASGI application for /v1."""
+
+    def __init__(self) -> None:
+        self.router = Router()
+
+    async def startup(self) -> None:
+        self.router.start()
+
+    async def shutdown(self) -> None:
+        await self.router.stop()
+
+    async def __call__(self, scope, receive, send) -> None:
+        ex = Exchange(scope, receive, send)
+        self.router.start()
+        try:
+            method, path = scope["method"], scope["path"].rstrip("/") or "/"
+            endpoint = ENDPOINTS.get(path)
+            if endpoint and method == "POST":
+                await self.proxy(ex, endpoint)
+            elif path == "/v1/models" and method == "GET":
+                await self.list_models(ex)
+            elif path.startswith("/v1/models/") and method == "GET":
+                await self.get_model(ex, path[len("/v1/models/"):])
+            else:
+                raise invalid_request(errors.NOT_FOUND.format(method=method, path=path), code="not_found", status=404)
+        except ClientGone:
+            pass
+        except ApiError as exc:
+            if not ex.headers_sent:
+                await ex.respond(exc.status, exc.body(), JSON_HEADERS + exc.headers)
+        except Exception:
+            log.exception("internal error request_id=%s", ex.request_id)
+            if not ex.headers_sent:
+                body = errors.error_body(errors.INTERNAL_ERROR.format(request_id=ex.request_id), "server_error")
+                await ex.respond(500, body)
+
+    # --- /v1/models ---------------------------------------------------------------
+    async def _authenticate(self, ex: Exchange) -> KeyInfo:
+        key = await authenticate(extract_key(dict(ex.scope["headers"])))
+        if key is None:
+            raise ApiError(401, errors.INVALID_KEY, "invalid_request_error", code="invalid_api_key")
+        return key
+
+    @staticmethod
+    def _model_card(name: str, route: Route) -> dict:
+        return {"id": name, "object": "model", "created": route.created, "owned_by": "qwenhub",
+                "root": route.public_name, "parent": None, "max_model_len": route.max_model_len}
+
+    async def list_models(self, ex: Exchange) -> None:
+        key = await self._authenticate(ex)
+        await self.router.refresh()
+        data = [self._model_card(r.public_name, r) for r in self.router.models if key.may_use(r.model_id)]
+        await ex.respond(200, orjson.dumps({"object": "list", "data": data}))
+
+    async def get_model(self, ex: Exchange, name: str) -> None:
+        key = await self._authenticate(ex)
+        route = await self.router.resolve(name)
+        if route is None or not key.may_use(route.model_id):
+            raise invalid_request(errors.MODEL_NOT_FOUND.format(model=name), param="model",
+                                  code="model_not_found", status=404)
+        await ex.respond(200, orjson.dumps(self._model_card(name, route)))
+
+    # --- POST /v1/{chat/completions,completions,embeddings} ----------------------------
+    @staticmethod
+    def _parse(body: bytes, endpoint: str) -> dict:
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise invalid_request(errors.INVALID_JSON, code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise invalid_request(errors.INVALID_JSON, code="invalid_json")
+        for name in ("model", REQUIRED_FIELD[endpoint]):
+            if payload.get(name) in (None, "", []):
+                raise invalid_request(errors.MISSING_FIELD.format(field=name), param=name, code="missing_required_parameter")
+        if not isinstance(payload["model"], str):
+            raise invalid_request(errors.WRONG_TYPE.format(field="model", kind="a string"), param="model")
+        if endpoint == "chat" and not isinstance(payload["messages"], list):
+            raise invalid_request(errors.WRONG_TYPE.format(field="messages", kind="an array"), param="messages")
+        for name in ("n", "max_tokens", "max_completion_tokens"):
+            value = payload.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise invalid_request(errors.WRONG_TYPE.format(field=name, kind="a positive integer"), param=name)
+        if "stream" in payload and not isinstance(payload["stream"], bool) and payload["stream"] is not None:
+            raise invalid_request(errors.WRONG_TYPE.format(field="stream", kind="a boolean"), param="stream")
+        if endpoint == "embeddings" and payload.get("stream"):
+            raise invalid_request("Embeddings cannot be streamed.", param="stream")
+        return payload
+
+    @staticmethod
+    def _token_bound(payload: dict, endpoint: str, body_size: int, route: Route) -> int:
+        """The most tokens this request can use; sets max_tokens upstream when the client left it out."""
+        prompt_bound = min(body_size + PROMPT_BOUND_SLACK, route.max_model_len)
+        if endpoint == "embeddings":
+            return prompt_bound
+        if endpoint == "chat":
+            max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
+        else:
+            max_tokens = payload.get("max_tokens") or 16  # vLLM's default for completions
+        if max_tokens is None:
+            max_tokens = route.default_max_tokens
+            payload["max_tokens"] = max_tokens
+        return prompt_bound + max_tokens * (payload.get("n") or 1)
+
+    async def proxy(self, ex: Exchange, endpoint: str) -> None:
+        key = await self._authenticate(ex)
+        body = await ex.read_body(settings.QWENHUB_MAX_BODY_BYTES)
+        payload = self._parse(body, endpoint)
+        model_name = payload["model"]
+        route = await self.router.resolve(model_name)
+        if route is None or not key.may_use(route.model_id):
+            raise invalid_request(errors.MODEL_NOT_FOUND.format(model=model_name), param="model",
+                                  code="model_not_found", status=404)
+        stream = payload.get("stream") is True
+        tokens = self._token_bound(payload, endpoint, len(body), route)
+        started_at = timezone.now()
+        row = UsageRow(
+            request_id=ex.request_id, team_id=key.team_id, member_id=key.member_id, api_key_id=key.key_id,
+            period_start=None, endpoint=endpoint, model=route.public_name, started_at=started_at, stream=stream,
+        )
+        usage = Usage()
+        try:
+            reservation = await reserve(key, tokens)
+        except ApiError as exc:
+            row.period_start, row.status, row.http_status = None, UsageRecord.Status.REJECTED, exc.status
+            await self._settle_rejected(ex, key, row, usage)
+            raise
+        row.period_start = reservation.period_start
+        watcher = asyncio.ensure_future(ex.watch_disconnect(asyncio.current_task()))
+        try:
+            if stream:
+                client_options = payload.get("stream_options")
+                payload["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+                await self.forward_stream(ex, route, payload, model_name, client_options, endpoint, row, usage)
+            else:
+                await self.forward(ex, route, payload, model_name, row, usage)
+        except ApiError as exc:
+            row.status, row.http_status = exc.usage_status, exc.status
+            raise
+        except (asyncio.CancelledError, ClientGone):
+            if not ex.gone:
+                raise  # the server is shutting down: still settle (below)
+            asyncio.current_task().uncancel()
+            row.status, row.http_status = UsageRecord.Status.CLIENT_DISCONNECTED, 499
+            raise ClientGone() from None
+        finally:
+            watcher.cancel()
+            row.duration_ms = ex.elapsed_ms()
+            # Settle even if this task is being cancelled: shield it and wait.
+            task = asyncio.ensure_future(settle(row, usage, reservation.counter_id, reservation.tokens))
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                await task
+            except ApiError:
+                log.error("usage not recorded (database unavailable) request_id=%s", ex.request_id)
+            self._log(ex, key, row, usage)
+
+    async def _settle_rejected(self, ex: Exchange, key: KeyInfo, row: UsageRow, usage: Usage) -> None:
+        from billing.periods import period_start_for
+
+        row.period_start = period_start_for(key.team_timezone)
+        row.duration_ms = ex.elapsed_ms()
+        try:
+            await settle(row, usage)
+        except ApiError:
+            pass
+        self._log(ex, key, row, usage)
+
+    @staticmethod
+    def _log(ex: Exchange, key: KeyInfo, row: UsageRow, usage: Usage) -> None:
+        log.info(
+            "request_id=%s member=%s model=%s upstream=%s status=%s http=%s stream=%s prompt=%s completion=%s "
+            "ttft_ms=%s duration_ms=%.1f overhead_ms=%.2f",
+            ex.request_id, key.username, row.model, row.upstream or "-", row.status, row.http_status,
+            row.stream, usage.prompt_tokens, usage.completion_tokens,
+            f"{row.ttft_ms:.1f}" if row.ttft_ms is not None else "-", row.duration_ms, ex.overhead_ms(),
+        )
+
+    # --- forwarding ---------------------------------------------------------------------
+    async def _open(self, ex: Exchange, route: Route, payload: dict, row: UsageRow):
+        """POST to the first upstream that accepts the connection; return (upstream, response)."""
+        last_error = None
+        for upstream, served in self.router.candidates(route):
+            payload["model"] = served
+            t = time.perf_counter()
+            upstream.in_flight += 1
+            try:
+                response = await upstream.get_session().post(
+                    upstream.base_url + ex.scope["path"][3:],
+                    data=orjson.dumps(payload),
+                    headers={"Content-Type": "application/json", "X-Request-Id": ex.request_id},
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+                upstream.in_flight -= 1
+                ex.upstream_wait += time.perf_counter() - t
+                self.router.mark_down(upstream)
+                last_error = exc
+                continue
+            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+                upstream.in_flight -= 1
+                ex.upstream_wait += time.perf_counter() - t
+                raise ApiError(504, errors.UPSTREAM_TIMEOUT.format(model=route.public_name,
+                                                                   seconds=settings.QWENHUB_UPSTREAM_TIMEOUT),
+                               "timeout", code="upstream_timeout", usage_status=UsageRecord.Status.UPSTREAM_TIMEOUT)
+            except aiohttp.ClientError as exc:
+                upstream.in_flight -= 1
+                ex.upstream_wait += time.perf_counter() - t
+                last_error = exc
+                continue
+            ex.upstream_wait += time.perf_counter() - t
+            row.upstream = upstream.name
+            return upstream, response
+        log.warning("no upstream reachable for %s: %s", route.public_name, last_error.__class__.__name__)
+        raise ApiError(503, errors.UPSTREAM_UNAVAILABLE.format(model=route.public_name), "service_unavailable",
+                       code="upstream_unavailable", usage_status=UsageRecord.Status.UPSTREAM_UNAVAILABLE)
+
+    async def _upstream_error(self, route: Route, response: aiohttp.ClientResponse) -> ApiError:
+        """Turn an upstream error response into an OpenAI-shaped ApiError."""
+        status = response.status
+        try:
+            raw = await response.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            raw = b""
+        message = errors.UPSTREAM_BAD_RESPONSE.format(model=route.public_name, status=status)
+        try:
+            data = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            data = None
+        if 400 <= status < 500 and status not in (401, 403):
+            err = data.get("error", data) if isinstance(data, dict) else None
+            if isinstance(err, dict) and isinstance(err.get("message"), str):
+                return ApiError(status, err["message"], str(err.get("type") or "invalid_request_error"),
+                                param=err.get("param"), code=err.get("code"),
+                                usage_status=UsageRecord.Status.UPSTREAM_ERROR)
+            return ApiError(status, message, "invalid_request_error", usage_status=UsageRecord.Status.UPSTREAM_ERROR)
+        if status == 503:
+            return ApiError(503, errors.UPSTREAM_UNAVAILABLE.format(model=route.public_name), "service_unavailable",
+                            code="upstream_unavailable", usage_status=UsageRecord.Status.UPSTREAM_UNAVAILABLE)
+        # 401/403 (the gateway's upstream key is wrong) and 5xx are the server's problem, not the client's.
+        return ApiError(502, message, "upstream_error", code="bad_gateway", usage_status=UsageRecord.Status.UPSTREAM_ERROR)
+
+    async def forward(self, ex: Exchange, route: Route, payload: dict, model_name: str,
+                      row: UsageRow, usage: Usage) -> None:
+        upstream, response = await self._open(ex, route, payload, row)
+        t = time.perf_counter()
+        try:
+            if response.status != 200:
+                raise await self._upstream_error(route, response)
+            try:
+                raw = await response.read()
+                data = orjson.loads(raw)
+            except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
+                data = None
+            if not isinstance(data, dict):
+                raise ApiError(502, errors.UPSTREAM_BAD_RESPONSE.format(model=route.public_name, status=200),
+                               "upstream_error", code="bad_gateway", usage_status=UsageRecord.Status.UPSTREAM_ERROR)
+        finally:
+            upstream.in_flight -= 1
+            response.release()
+            ex.upstream_wait += time.perf_counter() - t
+        if isinstance(data.get("usage"), dict):
+            usage.take(data["usage"])
+        if "model" in data:
+            data["model"] = model_name
+        row.ttft_ms = ex.elapsed_ms()
+        await ex.respond(200, orjson.dumps(data))
+
+    async def forward_stream(self, ex: Exchange, route: Route, payload: dict, model_name: str,
+                             client_options, endpoint: str, row: UsageRow, usage: Usage) -> None:
+        # What the client asked for, judged as vLLM judges it ({} means include_usage).
+        wants_usage = isinstance(client_options, dict) and client_options.get("include_usage", True) is not False
+        wants_running = wants_usage and bool(client_options.get("continuous_usage_stats"))
+        upstream, response = await self._open(ex, route, payload, row)
+        try:
+            if response.status != 200:
+                raise await self._upstream_error(route, response)
+            await ex.start(200, SSE_HEADERS)
+            relay = _StreamRelay(usage, endpoint, wants_usage, wants_running, payload["model"], model_name)
+            try:
+                async for data in response.content.iter_any():
+                    if row.ttft_ms is None:
+                        row.ttft_ms = ex.elapsed_ms()
+                    out = relay.feed(data)
+                    if out:
+                        await ex.body(out, True)
+                    if relay.finished:
+                        break
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass  # the upstream broke off: answered below
+            if relay.failed or not relay.done:
+                row.status, row.http_status = UsageRecord.Status.UPSTREAM_ERROR, 502
+                await ex.body((b"" if relay.failed else _error_event(route)) + DONE, False)
+                return
+            await ex.body(b"", False)
+        finally:
+            upstream.in_flight -= 1
+            response.close()
+
+
+def _error_event(route: Route) -> bytes:
+    body = errors.error_body(errors.UPSTREAM_STREAM_BROKEN.format(model=route.public_name), "upstream_error", code=502)
+    return b"data: " + body + b"\n\n"
+
+
+class _StreamRelay:
+    """Re-frames an upstream SSE stream for the client, collecting usage on the way.
+
+    The gateway always asks vLLM for include_usage + continuous_usage_stats; the
+    client gets exactly what vLLM would have sent for its own stream_options: the
+    per-chunk usage and the usage-only chunk are removed unless it asked for them.
+    """
+
+    __slots__ = ("usage", "chat", "wants_usage", "wants_running", "served", "public", "buffer", "done",
+                 "failed", "finished", "_swap")
+
+    def __init__(self, usage: Usage, endpoint: str, wants_usage: bool, wants_running: bool,
+                 served: str, public: str) -> None:
+        self.usage = usage
+        self.chat = endpoint == "chat"
+        self.wants_usage, self.wants_running = wants_usage, wants_running
+        self.served, self.public = served, public
+        self._swap = served != public
+        self.buffer = b""
+        self.done = False  # [DONE] seen
+        self.failed = False  # the upstream sent an error event (already relayed with [DONE])
+        self.finished = False
+
+    def feed(self, data: bytes) -> bytes:
+        self.buffer += data
+        if b"\n\n" not in self.buffer:
+            return b""
+        *events, self.buffer = self.buffer.split(b"\n\n")
+        out = []
+        for event in events:
+            piece = self._event(event)
+            if piece is not None:
+                out.append(piece)
+            if self.finished:
+                break
+        return b"".join(out)
+
+    def _event(self, event: bytes) -> bytes | None:
+        if not event.startswith(b"data: "):
+            return event + b"\n\n" if event.strip() else None
+        payload = event[6:]
+        if payload == b"[DONE]":
+            self.done = self.finished = True
+            return DONE
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            self.finished = True  # garbage: the relay ends with an error event
+            return None
+        if not isinstance(obj, dict):
+            self.finished = True
+            return None
+        if "error" in obj:
+            self.failed = self.finished = True
+            return event + b"\n\n"
+        usage = obj.get("usage")
+        choices = obj.get("choices")
+        if isinstance(usage, dict):
+            if not choices:
+                self.usage.take(usage)
+                if not self.wants_usage:
+                    return None
+            else:
+                self.usage.take_running(choices[0].get("index", 0), usage)
+        changed = False
+        if isinstance(usage, dict) and choices and not self.wants_running:
+            if self.chat:
+                del obj["usage"]
+            else:
+                obj["usage"] = None
+            changed = True
+        if self._swap and obj.get("model") == self.served:
+            obj["model"] = self.public
+            changed = True
+        if not changed:
+            return event + b"\n\n"
+        return b"data: " + orjson.dumps(obj) + b"\n\n"

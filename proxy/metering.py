@@ -1,0 +1,108 @@
+"""Settlement: one usage row per request and the quota counter moved, exactly once.
+
+On PostgreSQL both happen in ONE statement: the INSERT of the usage row (unique
+request_id, ON CONFLICT DO NOTHING) feeds the counter UPDATE, so a retried
+settlement can neither double-charge nor leave a reservation behind. SQLite
+(embedded mode) runs the same two steps in one transaction.
+"""
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+from django.db import connection, transaction
+
+from billing.models import QuotaCounter, UsageRecord
+from proxy.db import run_db
+
+_USAGE = UsageRecord._meta.db_table
+_COUNTER = QuotaCounter._meta.db_table
+_COLUMNS = (
+    "request_id", "team_id", "member_id", "api_key_id", "period_start", "endpoint", "model", "upstream",
+    "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "status", "http_status", "stream",
+    "started_at", "ttft_ms", "duration_ms",
+)
+_INSERT = (
+    f"INSERT INTO {_USAGE} ({', '.join(_COLUMNS)}) VALUES ({', '.join(['%s'] * len(_COLUMNS))}) "
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+_SETTLE = f"""
+UPDATE {_COUNTER}
+   SET requests_reserved = requests_reserved - 1, tokens_reserved = tokens_reserved - %s,
+       requests_used = requests_used + %s, tokens_used = tokens_used + %s
+ WHERE id = %s"""
+_SETTLE_PG = f"WITH ins AS ({_INSERT} RETURNING 1) {_SETTLE} AND EXISTS (SELECT 1 FROM ins)"
+
+
+@dataclass(slots=True)
+class Usage:
+    """What one request used, as the upstream reported it."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    # Cumulative completion tokens per choice, from continuous usage stats in a stream.
+    per_choice: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def take(self, usage: dict) -> None:
+        """Adopt a complete usage object (a non-streamed body or a stream's final usage chunk)."""
+        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        self.completion_tokens = int(usage.get("completion_tokens") or 0)
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict):
+            self.cached_tokens = int(details.get("cached_tokens") or 0)
+
+    def take_running(self, choice_index: int, usage: dict) -> None:
+        """Adopt a chunk's cumulative usage for one choice (continuous_usage_stats)."""
+        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        self.per_choice[choice_index] = int(usage.get("completion_tokens") or 0)
+        self.completion_tokens = sum(self.per_choice.values())
+
+
+@dataclass(slots=True)
+class UsageRow:
+    request_id: str
+    team_id: int
+    member_id: int
+    api_key_id: int
+    period_start: date
+    endpoint: str
+    model: str
+    started_at: datetime
+    stream: bool = False
+    upstream: str = ""
+    status: str = UsageRecord.Status.OK
+    http_status: int = 200
+    ttft_ms: float | None = None
+    duration_ms: float = 0.0
+
+    def values(self, usage: Usage) -> list:
+        return [
+            self.request_id, self.team_id, self.member_id, self.api_key_id, self.period_start, self.endpoint,
+            self.model, self.upstream, usage.prompt_tokens, usage.completion_tokens, usage.total_tokens,
+            usage.cached_tokens, self.status, self.http_status, self.stream, self.started_at, self.ttft_ms,
+            self.duration_ms,
+        ]
+
+
+def _settle(row: UsageRow, usage: Usage, counter_id: int | None, reserved_tokens: int) -> None:
+    tokens = usage.total_tokens
+    charged_requests = 1 if row.status in (UsageRecord.Status.OK, UsageRecord.Status.CLIENT_DISCONNECTED) or tokens else 0
+    values = row.values(usage)
+    with connection.cursor() as cursor:
+        if counter_id is None:
+            cursor.execute(_INSERT, values)
+        elif connection.vendor == "postgresql":
+            cursor.execute(_SETTLE_PG, [*values, reserved_tokens, charged_requests, tokens, counter_id])
+        else:
+            with transaction.atomic():
+                cursor.execute(_INSERT, values)
+                if cursor.rowcount == 1:
+                    cursor.execute(_SETTLE, [reserved_tokens, charged_requests, tokens, counter_id])
+
+
+async def settle(row: UsageRow, usage: Usage, counter_id: int | None = None, reserved_tokens: int = 0) -> None:
+    """Write the request's usage row and, if it holds a reservation, release it and charge the real usage."""
+    await run_db(_settle, row, usage, counter_id, reserved_tokens)

@@ -1,0 +1,85 @@
+"""`make run`: QwenHub embedded on one machine, with no setup.
+
+Migrates the SQLite database, seeds the demo team (idempotent), starts the vLLM
+simulator as the upstream and the gateway under uvicorn, and prints the URLs,
+logins and a demo key. Ctrl-C stops both.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+
+def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args[2]} exited with status {proc.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"{url} did not answer within {seconds:.0f} s")
+
+
+def main() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "qwenhub.settings")
+    import django
+    from django.conf import settings
+    from django.core.management import call_command
+
+    django.setup()
+    host = os.environ.get("QWENHUB_HOST", "127.0.0.1")
+    port = os.environ.get("QWENHUB_PORT", "8000")
+    sim = urllib.parse.urlsplit(settings.QWENHUB_SIMULATOR_URL)
+
+    call_command("migrate", interactive=False, verbosity=0)
+    call_command("demo")
+
+    procs = []
+    try:
+        simulator = subprocess.Popen([
+            sys.executable, "-m", "proxy.simulator", "--host", sim.hostname or "127.0.0.1",
+            "--port", str(sim.port or 8001), "--model", "Qwen2.5-7B-Instruct",
+            # A GPU-like pace so streaming is visible in the demo.
+            "--ttft-ms", "80", "--itl-ms", "15", "--max-num-seqs", "16",
+        ])
+        procs.append(simulator)
+        _wait_for(f"{sim.scheme}://{sim.netloc}/health", simulator)
+        gateway = subprocess.Popen([
+            sys.executable, "-m", "uvicorn", "qwenhub.asgi:application", "--host", host, "--port", port,
+            "--no-access-log", "--lifespan", "on",
+        ])
+        procs.append(gateway)
+        _wait_for(f"http://{host}:{port}/admin/login/", gateway)
+        print(
+            f"\nQwenHub is running (embedded: SQLite, no Redis, simulated vLLM at {settings.QWENHUB_SIMULATOR_URL}).\n"
+            f"  OpenAI-compatible API: http://{host}:{port}/v1   (use the demo key above)\n"
+            f"  Django admin:          http://{host}:{port}/admin/\n"
+            f"  Try: curl http://{host}:{port}/v1/chat/completions -H 'Authorization: Bearer <key>' "
+            "-H 'Content-Type: application/json' "
+            "-d '{\"model\": \"qwen2.5-7b-instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'\n"
+            "Press Ctrl-C to stop.",
+            flush=True,
+        )
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+if __name__ == "__main__":
+    main()
