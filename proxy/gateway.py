@@ -21,6 +21,7 @@ from proxy import errors
 from proxy.admission import reserve
 from proxy.errors import ApiError, invalid_request
 from proxy.keys import KeyInfo, authenticate, extract_key
+from proxy.limits import RateLimiter
 from proxy.metering import Usage, UsageRow, settle
 from proxy.upstream import Route, Router, UpstreamState
 
@@ -120,12 +121,14 @@ class Gateway:
 
     def __init__(self) -> None:
         self.router = Router()
+        self.limits = RateLimiter(settings.QWENHUB_LIMITS_REDIS_URL or None)
 
     async def startup(self) -> None:
         self.router.start()
 
     async def shutdown(self) -> None:
         await self.router.stop()
+        await self.limits.close()
 
     async def __call__(self, scope, receive, send) -> None:
         ex = Exchange(scope, receive, send)
@@ -205,11 +208,10 @@ class Gateway:
         return payload
 
     @staticmethod
-    def _token_bound(payload: dict, endpoint: str, body_size: int, route: Route) -> int:
-        """The most tokens this request can use; sets max_tokens upstream when the client left it out."""
-        prompt_bound = min(body_size + PROMPT_BOUND_SLACK, route.max_model_len)
+    def _completion_bound(payload: dict, endpoint: str, route: Route) -> int:
+        """The most completion tokens this request can produce; sets max_tokens upstream when the client left it out."""
         if endpoint == "embeddings":
-            return prompt_bound
+            return 0
         if endpoint == "chat":
             max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         else:
@@ -217,7 +219,7 @@ class Gateway:
         if max_tokens is None:
             max_tokens = route.default_max_tokens
             payload["max_tokens"] = max_tokens
-        return prompt_bound + max_tokens * (payload.get("n") or 1)
+        return max_tokens * (payload.get("n") or 1)
 
     async def proxy(self, ex: Exchange, endpoint: str) -> None:
         key = await self._authenticate(ex)
@@ -229,17 +231,24 @@ class Gateway:
             raise invalid_request(errors.MODEL_NOT_FOUND.format(model=model_name), param="model",
                                   code="model_not_found", status=404)
         stream = payload.get("stream") is True
-        tokens = self._token_bound(payload, endpoint, len(body), route)
-        started_at = timezone.now()
+        completion_bound = self._completion_bound(payload, endpoint, route)
+        # The quota reserves the worst case; rate limits take an estimate, corrected at settlement.
+        tokens = min(len(body) + PROMPT_BOUND_SLACK, route.max_model_len) + completion_bound
+        estimate = len(body) // 4 + completion_bound
         row = UsageRow(
             request_id=ex.request_id, team_id=key.team_id, member_id=key.member_id, api_key_id=key.key_id,
-            period_start=None, endpoint=endpoint, model=route.public_name, started_at=started_at, stream=stream,
+            period_start=None, endpoint=endpoint, model=route.public_name, started_at=timezone.now(), stream=stream,
         )
         usage = Usage()
+        admission = None
         try:
+            admission = await self.limits.admit(key, ex.request_id, estimate)
+            if admission is not None:
+                ex.out_headers += admission.headers
             reservation = await reserve(key, tokens)
         except ApiError as exc:
-            row.period_start, row.status, row.http_status = None, UsageRecord.Status.REJECTED, exc.status
+            await self.limits.settle(admission, 0)
+            row.status, row.http_status = UsageRecord.Status.REJECTED, exc.status
             await self._settle_rejected(ex, key, row, usage)
             raise
         row.period_start = reservation.period_start
@@ -271,6 +280,7 @@ class Gateway:
                 await task
             except ApiError:
                 log.error("usage not recorded (database unavailable) request_id=%s", ex.request_id)
+            await self.limits.settle(admission, usage.total_tokens)
             self._log(ex, key, row, usage)
 
     async def _settle_rejected(self, ex: Exchange, key: KeyInfo, row: UsageRow, usage: Usage) -> None:
