@@ -66,12 +66,12 @@ def _reserve(member_id: int, start: date, tokens: int, request_quota, token_quot
         if row:
             return row[0]
         # No row: either this is the member's first request of the month, or over quota.
+        # (A concurrent first request may have opened it already: retry either way.)
         cursor.execute(_OPEN_SQL, [member_id, start, request_quota, token_quota])
-        if cursor.rowcount == 1:
-            cursor.execute(_RESERVE_SQL, [tokens, member_id, start, tokens])
-            row = cursor.fetchone()
-            if row:
-                return row[0]
+        cursor.execute(_RESERVE_SQL, [tokens, member_id, start, tokens])
+        row = cursor.fetchone()
+        if row:
+            return row[0]
     return QuotaCounter.objects.get(member_id=member_id, period_start=start)
 
 
