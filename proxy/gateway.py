@@ -13,6 +13,7 @@ import time
 
 import aiohttp
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
 from django.conf import settings
 from django.utils import timezone
 
@@ -23,6 +24,7 @@ from proxy.errors import ApiError, invalid_request
 from proxy.keys import KeyInfo, authenticate, extract_key
 from proxy.limits import RateLimiter
 from proxy.metering import Usage, UsageRow, settle
+from proxy.observability import AUTH_FAILURES, GatewayCollector, may_scrape, observe, render
 from proxy.upstream import Route, Router, UpstreamState
 
 log = logging.getLogger("qwenhub.gateway")
@@ -122,6 +124,25 @@ class Gateway:
     def __init__(self) -> None:
         self.router = Router()
         self.limits = RateLimiter(settings.QWENHUB_LIMITS_REDIS_URL or None)
+        self.collector = GatewayCollector(self)
+
+    def queued(self, upstream_id: int) -> int:
+        return 0
+
+    def degraded_total(self) -> int:
+        return self.limits.degraded_total
+
+    async def metrics(self, scope, receive, send) -> None:
+        """GET /metrics: Prometheus text, for a scraper with the token (or on loopback)."""
+        if not may_scrape(scope):
+            await send({"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"Forbidden\n"})
+            return
+        await self.router.refresh()
+        body = render(self.collector)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())]})
+        await send({"type": "http.response.body", "body": body})
 
     async def startup(self) -> None:
         self.router.start()
@@ -159,6 +180,7 @@ class Gateway:
     async def _authenticate(self, ex: Exchange) -> KeyInfo:
         key = await authenticate(extract_key(dict(ex.scope["headers"])))
         if key is None:
+            AUTH_FAILURES.inc()
             raise ApiError(401, errors.INVALID_KEY, "invalid_request_error", code="invalid_api_key")
         return key
 
@@ -296,12 +318,17 @@ class Gateway:
 
     @staticmethod
     def _log(ex: Exchange, key: KeyInfo, row: UsageRow, usage: Usage) -> None:
+        """One structured line and the metrics for every authenticated request (never the prompt or the key)."""
+        overhead = ex.overhead_ms()
+        observe(model=row.model, member=key.username, status=row.status, prompt=usage.prompt_tokens,
+                completion=usage.completion_tokens, duration_s=row.duration_ms / 1000,
+                ttft_s=row.ttft_ms / 1000 if row.ttft_ms is not None else None, overhead_s=overhead / 1000)
         log.info(
             "request_id=%s member=%s model=%s upstream=%s status=%s http=%s stream=%s prompt=%s completion=%s "
             "ttft_ms=%s duration_ms=%.1f overhead_ms=%.2f",
             ex.request_id, key.username, row.model, row.upstream or "-", row.status, row.http_status,
             row.stream, usage.prompt_tokens, usage.completion_tokens,
-            f"{row.ttft_ms:.1f}" if row.ttft_ms is not None else "-", row.duration_ms, ex.overhead_ms(),
+            f"{row.ttft_ms:.1f}" if row.ttft_ms is not None else "-", row.duration_ms, overhead,
         )
 
     # --- forwarding ---------------------------------------------------------------------

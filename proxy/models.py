@@ -1,9 +1,27 @@
 """Where models are served: upstream vLLM servers and the routes to them."""
-from django.core.validators import MinValueValidator, URLValidator
+from urllib.parse import urlsplit
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.db.models import Q
 
 from qwenhub.models import TimestampedModel
+
+UPSTREAM_URL_INVALID = "Enter the upstream's base URL as an OpenAI client would use it, e.g. http://gpu-host:8000/v1."
+
+
+def validate_upstream_url(value: str) -> None:
+    """Accept http(s) URLs with any host name, including single-label ones (gpu-host, a compose service)."""
+    # Django's URLValidator demands a dotted domain, which refuses http://vllm:8000/v1.
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises ValueError on a malformed port
+    except ValueError:
+        raise ValidationError(UPSTREAM_URL_INVALID) from None
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment
+            or any(c.isspace() for c in value)):
+        raise ValidationError(UPSTREAM_URL_INVALID)
 
 
 class Upstream(TimestampedModel):
@@ -11,7 +29,7 @@ class Upstream(TimestampedModel):
 
     name = models.SlugField(max_length=64, unique=True)
     # e.g. http://gpu-host:8000/v1
-    base_url = models.CharField(max_length=500, validators=[URLValidator(schemes=["http", "https"])])
+    base_url = models.CharField(max_length=500, validators=[validate_upstream_url])
     # vLLM's --api-key; stays between the gateway and vLLM, never sent to members.
     api_key = models.CharField(max_length=500, blank=True)
     enabled = models.BooleanField(default=True)

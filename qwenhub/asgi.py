@@ -20,6 +20,8 @@ async def application(scope, receive, send):
         path = scope["path"]
         if path.startswith("/v1/") or path == "/v1":
             return await gateway(scope, receive, send)
+        if path == "/metrics":
+            return await gateway.metrics(scope, receive, send)
         return await django_application(scope, receive, send)
     if kind == "lifespan":
         while True:

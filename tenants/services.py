@@ -24,6 +24,7 @@ KEY_ALREADY_REVOKED = "Key {prefix}… is already revoked."
 COST_INVALID = "Monthly cost must be a non-negative amount such as 3000 or 2999.50."
 IMPORT_NOT_OBJECT = "The import file must hold a JSON object: {\"alice\": {\"key\": \"sk-…\", \"quota\": 1000, \"used\": 0}}."
 IMPORT_ENTRY_INVALID = "Entry {name!r}: {problem}."
+IMPORT_DUPLICATE_NAME = "The name {name!r} appears more than once in the import file."
 IMPORT_KEY_EXISTS = "Entry {name!r}: that key is already registered."
 
 
@@ -155,6 +156,16 @@ def _import_entry(name, entry) -> tuple[str, int | None, int]:
     return raw, quota, used or 0
 
 
+def _import_object(pairs: list) -> dict:
+    # json.loads keeps only the last of duplicate names, which would silently drop a member's key.
+    seen = set()
+    for name, _ in pairs:
+        if name in seen:
+            raise ValidationError(IMPORT_DUPLICATE_NAME.format(name=name))
+        seen.add(name)
+    return dict(pairs)
+
+
 @transaction.atomic(durable=True)
 def api_keys_import(*, team: Team, text: str, actor=None) -> list[Member]:
     """Import members and their existing keys from a plain {name: {key, quota, used}} file.
@@ -166,7 +177,7 @@ def api_keys_import(*, team: Team, text: str, actor=None) -> list[Member]:
     from billing.services import quota_counter_charge_imported  # billing owns the counters
 
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_import_object)
     except json.JSONDecodeError as exc:
         raise ValidationError(f"The import file is not valid JSON: {exc.msg} (line {exc.lineno}).") from exc
     if not isinstance(data, dict) or not data:

@@ -341,3 +341,33 @@ def test_plain_key_is_never_logged_or_stored(world):
         for table in ("tenants_apikey", "billing_usagerecord", "tenants_auditevent"):
             cursor.execute(f"SELECT * FROM {table}")
             assert world.key not in repr(cursor.fetchall())
+
+
+def test_metrics_endpoint(world):
+    world.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3)
+    _assert_401(lambda: world.client("sk-nobody-has-this-key").models.list())
+    rows_for(world.member)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(world.gateway.url + "/metrics", timeout=5).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    user = world.member.user.username
+    assert samples[("qwenhub_requests_total", (("member", user), ("model", MODEL), ("status", "ok")))] == 1
+    assert samples[("qwenhub_tokens_total", (("kind", "completion"), ("member", user), ("model", MODEL)))] == 3
+    assert samples[("qwenhub_auth_failures_total", ())] >= 1
+    assert samples[("qwenhub_upstream_up", (("upstream", world.upstream.name),))] == 1
+    assert samples[("qwenhub_gateway_overhead_seconds_count", ())] >= 1
+    assert world.key not in text
+
+
+def test_metrics_need_the_token_when_one_is_set(transactional_db, tmp_path):
+    from proxy.tests.conftest import GatewayProcess
+
+    gw = GatewayProcess(tmp_path, QWENHUB_METRICS_TOKEN="scrape-secret")
+    try:
+        assert httpx.get(gw.url + "/metrics", timeout=5).status_code == 403
+        response = httpx.get(gw.url + "/metrics", headers={"Authorization": "Bearer scrape-secret"}, timeout=5)
+        assert response.status_code == 200 and "qwenhub_requests" in response.text
+    finally:
+        gw.stop()

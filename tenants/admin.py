@@ -1,0 +1,173 @@
+"""Admin for teams, members, API keys and the audit trail.
+
+Key hashes are never shown, searched or filterable (only the display prefix is);
+revocation goes through api_key_revoke and is recorded in the admin history.
+"""
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db.models import Count
+
+from tenants.models import ApiKey, AuditEvent, Member, Team
+from tenants.services import api_key_revoke
+
+QUOTA_HELP = (
+    "Per month; empty = unlimited. This month's limit is copied when the month starts: "
+    "to apply a change now, use Quota counters → “Reset for this month”."
+)
+
+
+class SecretLookupsRefusedMixin:
+    """Refuse URL lookups (?field=…) on secrets, as django.contrib.auth's UserAdmin does for passwords."""
+
+    refused_lookup_parts = frozenset({"key_hash", "password"})
+
+    def lookup_allowed(self, lookup, value, request=None):
+        if self.refused_lookup_parts.intersection(lookup.split("__")):
+            return False
+        return super().lookup_allowed(lookup, value, request)
+
+
+class MemberInlineForm(forms.ModelForm):
+    class Meta:
+        model = Member
+        fields = ["role", "request_quota", "token_quota", "requests_per_minute", "tokens_per_minute",
+                  "max_concurrent_requests", "weight", "is_active"]
+        help_texts = {"request_quota": QUOTA_HELP, "token_quota": QUOTA_HELP}
+
+
+class MemberInline(admin.TabularInline):
+    """Quotas and limits of the team's members, editable in place (add members with add_member or Members)."""
+
+    model = Member
+    form = MemberInlineForm
+    fields = ["user", "role", "request_quota", "token_quota", "requests_per_minute", "tokens_per_minute",
+              "max_concurrent_requests", "weight", "is_active"]
+    readonly_fields = ["user"]
+    extra = 0
+    show_change_link = True
+    can_delete = False  # members with usage are protected; deactivate instead
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("user", "team").order_by("user__username")
+
+
+@admin.register(Team)
+class TeamAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
+    list_display = ["slug", "name", "monthly_cost", "currency", "timezone", "token_cap", "member_count", "created_at"]
+    search_fields = ["slug", "name"]
+    list_filter = ["currency"]
+    list_select_related = True  # no foreign keys; stated so every changelist says it
+    inlines = [MemberInline]
+    readonly_fields = ["created_at", "updated_at"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(_member_count=Count("members"))
+
+    @admin.display(description="members", ordering="_member_count")
+    def member_count(self, team):
+        return team._member_count
+
+
+@admin.register(Member)
+class MemberAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
+    list_display = ["user", "team", "role", "request_quota", "token_quota", "requests_per_minute",
+                    "max_concurrent_requests", "is_active"]
+    list_filter = ["team", "role", "is_active"]
+    search_fields = ["user__username", "user__email", "team__slug"]
+    list_select_related = ["user", "team"]
+    raw_id_fields = ["user"]
+    filter_horizontal = ["allowed_models"]
+    readonly_fields = ["created_at", "updated_at"]
+    fieldsets = [
+        (None, {"fields": ["user", "team", "role", "is_active"]}),
+        ("Monthly quotas (empty = unlimited)", {"fields": ["request_quota", "token_quota"], "description": QUOTA_HELP}),
+        ("Rate limits (empty = unlimited)", {"fields": ["requests_per_minute", "tokens_per_minute",
+                                                        "max_concurrent_requests", "weight"]}),
+        ("Models (none selected = every model)", {"fields": ["allowed_models"]}),
+        (None, {"fields": ["created_at", "updated_at"]}),
+    ]
+
+    def get_readonly_fields(self, request, obj=None):
+        # Moving a member (and their usage history) to another user or team is not an edit.
+        return [*self.readonly_fields, "user", "team"] if obj else self.readonly_fields
+
+
+class KeyStatusFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request, model_admin):
+        return [("active", "active"), ("revoked", "revoked")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "active":
+            return queryset.filter(revoked_at__isnull=True)
+        if self.value() == "revoked":
+            return queryset.filter(revoked_at__isnull=False)
+        return queryset
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
+    """Keys are issued with create_key or the dashboard (the raw key is shown once), never here."""
+
+    list_display = ["prefix", "label", "member", "team", "created_at", "last_used_at", "expires_at", "revoked_at"]
+    list_filter = [KeyStatusFilter, "member__team"]
+    # Never key_hash: an admin must not be able to test a guessed key against the table.
+    search_fields = ["^prefix", "label", "member__user__username"]
+    list_select_related = ["member__user", "member__team"]
+    fields = ["prefix", "label", "member", "created_at", "last_used_at", "expires_at", "revoked_at"]
+    readonly_fields = ["prefix", "member", "created_at", "last_used_at", "expires_at", "revoked_at"]
+    actions = ["revoke_selected"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # usage rows point at keys; revoke instead
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).defer("key_hash")
+
+    @admin.display(description="team", ordering="member__team__slug")
+    def team(self, key):
+        return key.member.team
+
+    @admin.action(description="Revoke selected keys", permissions=["change"])
+    def revoke_selected(self, request, queryset):
+        revoked = 0
+        for key in queryset.select_related("member__team", "member__user").order_by("pk"):
+            try:
+                api_key_revoke(key=key, actor=request.user, reason="revoked in the admin")
+            except ValidationError as exc:
+                self.message_user(request, " ".join(exc.messages), messages.WARNING)
+                continue
+            self.log_change(request, key, "Revoked (admin action “Revoke selected keys”).")
+            revoked += 1
+        if revoked:
+            self.message_user(request, f"Revoked {revoked} key(s); gateways refuse them within seconds.",
+                              messages.SUCCESS)
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
+    """The audit trail is append-only: viewable, never edited here."""
+
+    list_display = ["created_at", "kind", "team", "member", "actor", "subject_id", "reason"]
+    list_filter = ["kind", "team"]
+    search_fields = ["reason", "member__user__username", "actor__username"]
+    list_select_related = ["team", "member__user", "member__team", "actor"]
+    date_hierarchy = "created_at"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
