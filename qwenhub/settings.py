@@ -161,5 +161,9 @@ QWENHUB_UPSTREAM_TIMEOUT = env.float("QWENHUB_UPSTREAM_TIMEOUT", default=600.0)
 QWENHUB_UPSTREAM_CONNECT_TIMEOUT = env.float("QWENHUB_UPSTREAM_CONNECT_TIMEOUT", default=3.0)
 # Seconds between upstream /health checks run by each gateway process.
 QWENHUB_HEALTH_INTERVAL = env.float("QWENHUB_HEALTH_INTERVAL", default=5.0)
+# Fair sharing of a saturated upstream: per-member queues served in turn.
+QWENHUB_FAIR_QUEUE = env.bool("QWENHUB_FAIR_QUEUE", default=True)
+# Seconds a request may wait for a free upstream slot before a 429.
+QWENHUB_QUEUE_TIMEOUT = env.float("QWENHUB_QUEUE_TIMEOUT", default=60.0)
 # Token used to scrape the gateway's /metrics (empty: loopback only).
 QWENHUB_METRICS_TOKEN = env("QWENHUB_METRICS_TOKEN", default="")
