@@ -1,0 +1,1 @@
+"""Benchmark tools for QwenHub (load generator, simulator speed check)."""
