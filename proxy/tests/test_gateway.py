@@ -371,3 +371,25 @@ def test_metrics_need_the_token_when_one_is_set(transactional_db, tmp_path):
         assert response.status_code == 200 and "qwenhub_requests" in response.text
     finally:
         gw.stop()
+
+
+def _upstream_up(world) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(world.gateway.url + "/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "qwenhub_upstream_up" and sample.labels["upstream"] == world.upstream.name:
+                return sample.value
+    return None
+
+
+def test_health_check_marks_upstreams_down_and_up(transactional_db, gateway):
+    with start_simulator("--model", SERVED) as sim:
+        world = make_world(gateway, sim.base_url)
+        assert wait_for(lambda: _upstream_up(world) == 1.0)
+        sim.control(dead=True)  # the engine died: /health answers 503
+        assert wait_for(lambda: _upstream_up(world) == 0.0)
+        sim.control(dead=False)
+        assert wait_for(lambda: _upstream_up(world) == 1.0)
+        assert world.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).usage
