@@ -12,6 +12,10 @@ WRONG_TYPE = "'{field}' must be {kind}."
 MODEL_NOT_FOUND = "The model `{model}` does not exist or you do not have access to it."
 NOT_FOUND = "Unknown request URL: {method} {path}. Please check the URL and method."
 UPSTREAM_UNAVAILABLE = "The model server for `{model}` is unavailable. Please retry shortly."
+UPSTREAM_BUSY = (
+    "The model server for `{model}` is busy: your request waited {seconds:.0f} seconds for a free slot. "
+    "Please retry later."
+)
 UPSTREAM_TIMEOUT = "The model server for `{model}` did not answer within {seconds:g} seconds."
 UPSTREAM_BAD_RESPONSE = "The model server for `{model}` returned an invalid response ({status})."
 UPSTREAM_STREAM_BROKEN = "The model server for `{model}` stopped in the middle of the response."

@@ -21,6 +21,7 @@ from billing.models import UsageRecord
 from proxy import errors
 from proxy.admission import reserve
 from proxy.errors import ApiError, invalid_request
+from proxy.fairness import FairQueue, QueueTimeout
 from proxy.keys import KeyInfo, authenticate, extract_key
 from proxy.limits import RateLimiter
 from proxy.metering import Usage, UsageRow, settle
@@ -124,13 +125,15 @@ class Gateway:
     def __init__(self) -> None:
         self.router = Router()
         self.limits = RateLimiter(settings.QWENHUB_LIMITS_REDIS_URL or None)
+        self.fair_queue = FairQueue(settings.QWENHUB_LIMITS_REDIS_URL or None,
+                                    queue_timeout=settings.QWENHUB_QUEUE_TIMEOUT, enabled=settings.QWENHUB_FAIR_QUEUE)
         self.collector = GatewayCollector(self)
 
     def queued(self, upstream_id: int) -> int:
-        return 0
+        return self.fair_queue.stats(upstream_id).get("queued", 0)
 
     def degraded_total(self) -> int:
-        return self.limits.degraded_total
+        return self.limits.degraded_total + self.fair_queue.degraded_total
 
     async def metrics(self, scope, receive, send) -> None:
         """GET /metrics: Prometheus text, for a scraper with the token (or on loopback)."""
@@ -150,6 +153,7 @@ class Gateway:
     async def shutdown(self) -> None:
         await self.router.stop()
         await self.limits.close()
+        await self.fair_queue.close()
 
     async def __call__(self, scope, receive, send) -> None:
         ex = Exchange(scope, receive, send)
@@ -279,9 +283,9 @@ class Gateway:
             if stream:
                 client_options = payload.get("stream_options")
                 payload["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
-                await self.forward_stream(ex, route, payload, model_name, client_options, endpoint, row, usage)
+                await self.forward_stream(ex, key, route, payload, model_name, client_options, endpoint, row, usage)
             else:
-                await self.forward(ex, route, payload, model_name, row, usage)
+                await self.forward(ex, key, route, payload, model_name, row, usage)
         except ApiError as exc:
             row.status, row.http_status = exc.usage_status, exc.status
             raise
@@ -332,12 +336,25 @@ class Gateway:
         )
 
     # --- forwarding ---------------------------------------------------------------------
-    async def _open(self, ex: Exchange, route: Route, payload: dict, row: UsageRow):
-        """POST to the first upstream that accepts the connection; return (upstream, response)."""
+    async def _open(self, ex: Exchange, route: Route, payload: dict, row: UsageRow, key: KeyInfo):
+        """Take a slot of the first upstream that accepts the connection and POST to it.
+
+        Returns (upstream, slot, response); the caller releases the slot when the answer is over.
+        """
         last_error = None
         for upstream, served in self.router.candidates(route):
             payload["model"] = served
             t = time.perf_counter()
+            try:
+                slot = await self.fair_queue.acquire(upstream_id=upstream.id, capacity=upstream.max_concurrency,
+                                                     member_id=key.member_id, weight=key.weight)
+            except QueueTimeout as exc:
+                ex.upstream_wait += time.perf_counter() - t
+                wait_ms = max(100, round(exc.retry_after * 1000))
+                raise ApiError(429, errors.UPSTREAM_BUSY.format(model=route.public_name, seconds=exc.waited),
+                               "requests", code="rate_limit_exceeded",
+                               headers=[(b"retry-after-ms", str(wait_ms).encode()),
+                                        (b"retry-after", str(-(-wait_ms // 1000)).encode())]) from None
             upstream.in_flight += 1
             try:
                 response = await upstream.get_session().post(
@@ -345,29 +362,35 @@ class Gateway:
                     data=orjson.dumps(payload),
                     headers={"Content-Type": "application/json", "X-Request-Id": ex.request_id},
                 )
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+            except BaseException as exc:
                 upstream.in_flight -= 1
                 ex.upstream_wait += time.perf_counter() - t
-                self.router.mark_down(upstream)
-                last_error = exc
-                continue
-            except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-                upstream.in_flight -= 1
-                ex.upstream_wait += time.perf_counter() - t
-                raise ApiError(504, errors.UPSTREAM_TIMEOUT.format(model=route.public_name,
-                                                                   seconds=settings.QWENHUB_UPSTREAM_TIMEOUT),
-                               "timeout", code="upstream_timeout", usage_status=UsageRecord.Status.UPSTREAM_TIMEOUT)
-            except aiohttp.ClientError as exc:
-                upstream.in_flight -= 1
-                ex.upstream_wait += time.perf_counter() - t
+                await self.fair_queue.release(slot)
+                if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+                    raise ApiError(504, errors.UPSTREAM_TIMEOUT.format(
+                        model=route.public_name, seconds=settings.QWENHUB_UPSTREAM_TIMEOUT),
+                        "timeout", code="upstream_timeout", usage_status=UsageRecord.Status.UPSTREAM_TIMEOUT) from None
+                if not isinstance(exc, aiohttp.ClientError):
+                    raise
+                if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)):
+                    self.router.mark_down(upstream)
                 last_error = exc
                 continue
             ex.upstream_wait += time.perf_counter() - t
             row.upstream = upstream.name
-            return upstream, response
+            return upstream, slot, response
         log.warning("no upstream reachable for %s: %s", route.public_name, last_error.__class__.__name__)
         raise ApiError(503, errors.UPSTREAM_UNAVAILABLE.format(model=route.public_name), "service_unavailable",
                        code="upstream_unavailable", usage_status=UsageRecord.Status.UPSTREAM_UNAVAILABLE)
+
+    async def _close(self, upstream: UpstreamState, slot, response: aiohttp.ClientResponse, reuse: bool) -> None:
+        """Give back the upstream slot; keep the connection only after a complete answer."""
+        upstream.in_flight -= 1
+        if reuse:
+            response.release()
+        else:
+            response.close()  # vLLM sees the disconnect and aborts whatever is left
+        await self.fair_queue.release(slot)
 
     async def _upstream_error(self, route: Route, response: aiohttp.ClientResponse) -> ApiError:
         """Turn an upstream error response into an OpenAI-shaped ApiError."""
@@ -394,9 +417,9 @@ class Gateway:
         # 401/403 (the gateway's upstream key is wrong) and 5xx are the server's problem, not the client's.
         return ApiError(502, message, "upstream_error", code="bad_gateway", usage_status=UsageRecord.Status.UPSTREAM_ERROR)
 
-    async def forward(self, ex: Exchange, route: Route, payload: dict, model_name: str,
+    async def forward(self, ex: Exchange, key: KeyInfo, route: Route, payload: dict, model_name: str,
                       row: UsageRow, usage: Usage) -> None:
-        upstream, response = await self._open(ex, route, payload, row)
+        upstream, slot, response = await self._open(ex, route, payload, row, key)
         t = time.perf_counter()
         try:
             if response.status != 200:
@@ -410,9 +433,8 @@ class Gateway:
                 raise ApiError(502, errors.UPSTREAM_BAD_RESPONSE.format(model=route.public_name, status=200),
                                "upstream_error", code="bad_gateway", usage_status=UsageRecord.Status.UPSTREAM_ERROR)
         finally:
-            upstream.in_flight -= 1
-            response.release()
             ex.upstream_wait += time.perf_counter() - t
+            await self._close(upstream, slot, response, reuse=True)
         if isinstance(data.get("usage"), dict):
             usage.take(data["usage"])
         if "model" in data:
@@ -420,12 +442,13 @@ class Gateway:
         row.ttft_ms = ex.elapsed_ms()
         await ex.respond(200, orjson.dumps(data))
 
-    async def forward_stream(self, ex: Exchange, route: Route, payload: dict, model_name: str,
+    async def forward_stream(self, ex: Exchange, key: KeyInfo, route: Route, payload: dict, model_name: str,
                              client_options, endpoint: str, row: UsageRow, usage: Usage) -> None:
         # What the client asked for, judged as vLLM judges it ({} means include_usage).
         wants_usage = isinstance(client_options, dict) and client_options.get("include_usage", True) is not False
         wants_running = wants_usage and bool(client_options.get("continuous_usage_stats"))
-        upstream, response = await self._open(ex, route, payload, row)
+        upstream, slot, response = await self._open(ex, route, payload, row, key)
+        relay = None
         try:
             if response.status != 200:
                 raise await self._upstream_error(route, response)
@@ -448,8 +471,7 @@ class Gateway:
                 return
             await ex.body(b"", False)
         finally:
-            upstream.in_flight -= 1
-            response.close()
+            await self._close(upstream, slot, response, reuse=relay is not None and relay.done)
 
 
 def _error_event(route: Route) -> bytes:

@@ -243,3 +243,63 @@ def test_redis_outage_fails_no_request_and_quota_stays_exact(transactional_db, s
     wait_for(lambda: UsageRecord.objects.filter(member=world.member).count() == 40)
     counter = QuotaCounter.objects.get(member=world.member)
     assert (counter.requests_used, counter.requests_reserved) == (30, 0)
+
+
+# --- fair sharing of a saturated upstream ------------------------------------------------------
+
+def test_fair_share_keeps_a_light_member_fast_while_another_floods(transactional_db, gateway):
+    """Capacity 8, member A keeps 100 requests in flight, member B sends 20 one at a time."""
+    import statistics
+
+    # GPU-like pacing; real requests differ in length, so slots free up at different times
+    pace = ["--ttft-ms", "50", "--itl-ms", "10", "--max-num-seqs", "8", "--jitter", "0.2", "--seed", "7"]
+    with start_simulator("--model", SERVED, *pace) as gpu:
+        world = make_world(gateway, gpu.base_url)
+        from proxy.models import Upstream
+
+        Upstream.objects.filter(pk=world.upstream.pk).update(max_concurrency=8)
+        flooder, flood_key = world.add_member("flooder")
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 24, "ignore_eos": True}
+
+        async def b_latencies(client: httpx.AsyncClient, count: int) -> list[float]:
+            latencies = []
+            for _ in range(count):
+                t = time.perf_counter()
+                response = await client.post(gateway.url + "/v1/chat/completions", json=body,
+                                             headers={"Authorization": f"Bearer {world.key}"})
+                assert response.status_code == 200, response.text
+                latencies.append(time.perf_counter() - t)
+            return latencies
+
+        async def run():
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=200)) as client:
+                idle = await b_latencies(client, 5)
+                stop = asyncio.Event()
+                running_samples = []
+
+                async def flood_worker(n: int):
+                    while not stop.is_set():
+                        n += 7
+                        r = await client.post(gateway.url + "/v1/chat/completions",
+                                              json={**body, "max_tokens": 12 + n % 25},
+                                              headers={"Authorization": f"Bearer {flood_key}"})
+                        assert r.status_code == 200, r.text
+
+                async def sample():
+                    while not stop.is_set():
+                        running_samples.append(gpu.metrics().get("vllm:num_requests_running", 0))
+                        await asyncio.sleep(0.1)
+
+                workers = [asyncio.create_task(flood_worker(i)) for i in range(100)]
+                await asyncio.sleep(1.0)  # let the flood fill the GPU and the queue
+                sampler = asyncio.create_task(sample())
+                flooded = await b_latencies(client, 20)
+                stop.set()
+                await asyncio.gather(*workers, sampler)
+                return idle, flooded, running_samples
+
+        idle, flooded, running = asyncio.run(run())
+    ratio = statistics.median(flooded) / statistics.median(idle)
+    assert ratio <= 1.5, (ratio, idle, flooded)
+    assert statistics.mean(running) >= 7.0, running  # the GPU stayed (nearly) full
+    assert max(running) <= 8
