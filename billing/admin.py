@@ -4,7 +4,7 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.template.response import TemplateResponse
 
-from billing.models import QuotaCounter, UsageRecord
+from billing.models import QuotaCounter, TeamQuotaCounter, UsageRecord
 from billing.services import quota_reset, quota_top_up
 from tenants.admin import SecretLookupsRefusedMixin
 from tenants.models import Member
@@ -120,6 +120,24 @@ class UsageRecordAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
     list_select_related = ["team", "member__user", "member__team", "api_key"]
     date_hierarchy = "started_at"
     show_full_result_count = False  # COUNT(*) over all usage on every page is not free
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(TeamQuotaCounter)
+class TeamQuotaCounterAdmin(admin.ModelAdmin):
+    """A team's monthly token cap as the gateway moves it: read-only."""
+
+    list_display = ["team", "period_start", "tokens_used", "tokens_reserved", "token_limit"]
+    list_select_related = ["team"]
+    list_filter = ["period_start"]
 
     def has_add_permission(self, request):
         return False

@@ -40,6 +40,25 @@ class QuotaCounter(models.Model):
         return f"{self.member_id} {self.period_start:%Y-%m}"
 
 
+class TeamQuotaCounter(models.Model):
+    """A team-wide monthly token cap (Team.token_cap), moved like QuotaCounter."""
+
+    team = models.ForeignKey("tenants.Team", on_delete=models.PROTECT, related_name="quota_counters")
+    period_start = models.DateField()
+    token_limit = models.BigIntegerField(null=True, blank=True)
+    tokens_used = models.BigIntegerField(default=0)
+    tokens_reserved = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["team", "period_start"], name="uniq_teamquota_team_period"),
+            models.CheckConstraint(condition=Q(tokens_reserved__gte=0), name="teamquota_tok_reserved_nonneg"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.team_id} {self.period_start:%Y-%m}"
+
+
 class UsageRecord(models.Model):
     """One row per /v1 request, written once by the gateway (append-only)."""
 

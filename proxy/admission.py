@@ -13,9 +13,9 @@ max_tokens=300 and a short prompt, but not one that could use 4,096.
 from dataclasses import dataclass
 from datetime import date
 
-from django.db import connection
+from django.db import connection, transaction
 
-from billing.models import QuotaCounter
+from billing.models import QuotaCounter, TeamQuotaCounter
 from billing.periods import period_reset_at, period_start_for
 from proxy.db import run_db
 from proxy.errors import ApiError
@@ -24,6 +24,10 @@ from proxy.keys import KeyInfo
 QUOTA_REQUESTS_EXHAUSTED = (
     "You have used all {limit} requests of your monthly quota. It resets at {reset} ({tz}). "
     "Ask your team admin for a top-up."
+)
+TEAM_CAP_EXHAUSTED = (
+    "This request could use up to {need} tokens but only {left} of your team's monthly cap of {limit} tokens "
+    "remain. Lower max_tokens or ask your team admin; the cap resets at {reset} ({tz})."
 )
 QUOTA_TOKENS_EXHAUSTED = (
     "This request could use up to {need} tokens but only {left} of your monthly quota of {limit} tokens remain. "
@@ -45,11 +49,24 @@ VALUES (%s, %s, %s, %s, 0, 0, 0, 0)
 ON CONFLICT (member_id, period_start) DO NOTHING"""
 
 
+_TEAM = TeamQuotaCounter._meta.db_table
+_TEAM_RESERVE_SQL = f"""
+UPDATE {_TEAM} SET tokens_reserved = tokens_reserved + %s
+ WHERE team_id = %s AND period_start = %s
+   AND (token_limit IS NULL OR tokens_used + tokens_reserved + %s <= token_limit)
+RETURNING id"""
+_TEAM_OPEN_SQL = f"""
+INSERT INTO {_TEAM} (team_id, period_start, token_limit, tokens_used, tokens_reserved)
+VALUES (%s, %s, %s, 0, 0)
+ON CONFLICT (team_id, period_start) DO NOTHING"""
+
+
 @dataclass(slots=True)
 class Reservation:
     counter_id: int
     period_start: date
     tokens: int
+    team_counter_id: int | None = None
 
 
 class QuotaExceeded(ApiError):
@@ -58,31 +75,57 @@ class QuotaExceeded(ApiError):
                          headers=[(b"x-should-retry", b"false")])
 
 
-def _reserve(member_id: int, start: date, tokens: int, request_quota, token_quota) -> int | QuotaCounter:
-    """Return the reserved counter's id, or the counter that has no room left."""
+def _take(cursor, reserve_sql: str, reserve_args: list, open_sql: str, open_args: list) -> int | None:
+    """Run a conditional reservation UPDATE, opening the period's row first if it is missing."""
+    cursor.execute(reserve_sql, reserve_args)
+    row = cursor.fetchone()
+    if row:
+        return row[0]
+    # No row: either the first request of the period, or no room left.
+    # (A concurrent first request may have opened it already: retry either way.)
+    cursor.execute(open_sql, open_args)
+    cursor.execute(reserve_sql, reserve_args)
+    row = cursor.fetchone()
+    return row[0] if row else None
+
+
+def _reserve(key: KeyInfo, start: date, tokens: int) -> tuple[int, int | None] | QuotaCounter | TeamQuotaCounter:
+    """Return the reserved counters' ids, or the counter that has no room left."""
+    member_args = [tokens, key.member_id, start, tokens]
     with connection.cursor() as cursor:
-        cursor.execute(_RESERVE_SQL, [tokens, member_id, start, tokens])
-        row = cursor.fetchone()
-        if row:
-            return row[0]
-        # No row: either this is the member's first request of the month, or over quota.
-        # (A concurrent first request may have opened it already: retry either way.)
-        cursor.execute(_OPEN_SQL, [member_id, start, request_quota, token_quota])
-        cursor.execute(_RESERVE_SQL, [tokens, member_id, start, tokens])
-        row = cursor.fetchone()
-        if row:
-            return row[0]
-    return QuotaCounter.objects.get(member_id=member_id, period_start=start)
+        if key.team_token_cap is None:
+            counter_id = _take(cursor, _RESERVE_SQL, member_args, _OPEN_SQL,
+                               [key.member_id, start, key.request_quota, key.token_quota])
+            if counter_id is not None:
+                return counter_id, None
+        else:
+            # The member's and the team's reservations stand or fall together.
+            with transaction.atomic():
+                counter_id = _take(cursor, _RESERVE_SQL, member_args, _OPEN_SQL,
+                                   [key.member_id, start, key.request_quota, key.token_quota])
+                if counter_id is not None:
+                    team_id = _take(cursor, _TEAM_RESERVE_SQL, [tokens, key.team_id, start, tokens],
+                                    _TEAM_OPEN_SQL, [key.team_id, start, key.team_token_cap])
+                    if team_id is not None:
+                        return counter_id, team_id
+                    transaction.set_rollback(True)
+            if counter_id is not None:
+                return TeamQuotaCounter.objects.get(team_id=key.team_id, period_start=start)
+    return QuotaCounter.objects.get(member_id=key.member_id, period_start=start)
 
 
 async def reserve(key: KeyInfo, tokens: int) -> Reservation:
     """Reserve one request and `tokens` tokens for key's member in the current period, or raise QuotaExceeded."""
     start = period_start_for(key.team_timezone)
-    result = await run_db(_reserve, key.member_id, start, tokens, key.request_quota, key.token_quota)
-    if isinstance(result, int):
-        return Reservation(counter_id=result, period_start=start, tokens=tokens)
+    result = await run_db(_reserve, key, start, tokens)
+    if isinstance(result, tuple):
+        return Reservation(counter_id=result[0], team_counter_id=result[1], period_start=start, tokens=tokens)
     counter, tz = result, key.team_timezone
     reset = period_reset_at(tz, start).strftime("%Y-%m-%d %H:%M")
+    if isinstance(counter, TeamQuotaCounter):
+        left = max(0, (counter.token_limit or 0) - counter.tokens_used - counter.tokens_reserved)
+        raise QuotaExceeded(TEAM_CAP_EXHAUSTED.format(need=tokens, left=left, limit=counter.token_limit,
+                                                      reset=reset, tz=tz))
     if counter.request_limit is not None and counter.requests_used + counter.requests_reserved + 1 > counter.request_limit:
         raise QuotaExceeded(QUOTA_REQUESTS_EXHAUSTED.format(limit=counter.request_limit, reset=reset, tz=tz))
     left = max(0, (counter.token_limit or 0) - counter.tokens_used - counter.tokens_reserved)

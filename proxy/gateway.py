@@ -299,7 +299,8 @@ class Gateway:
             watcher.cancel()
             row.duration_ms = ex.elapsed_ms()
             # Settle even if this task is being cancelled: shield it and wait.
-            task = asyncio.ensure_future(settle(row, usage, reservation.counter_id, reservation.tokens))
+            task = asyncio.ensure_future(settle(row, usage, reservation.counter_id, reservation.tokens,
+                                                reservation.team_counter_id))
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError:

@@ -27,6 +27,7 @@ class KeyInfo:
     team_id: int
     username: str
     team_timezone: str
+    team_token_cap: int | None
     usable: bool  # not revoked, member and user active
     expires_at: datetime | None
     request_quota: int | None
@@ -56,6 +57,7 @@ def _load(key_hash: str) -> KeyInfo | None:
             "id", "revoked_at", "expires_at", "member__id", "member__is_active", "member__request_quota",
             "member__token_quota", "member__requests_per_minute", "member__tokens_per_minute",
             "member__max_concurrent_requests", "member__weight", "member__team__id", "member__team__timezone",
+            "member__team__token_cap",
             "member__user__is_active", "member__user__username",
         )
         .first()
@@ -70,7 +72,7 @@ def _load(key_hash: str) -> KeyInfo | None:
         ApiKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
     return KeyInfo(
         key_id=key.pk, member_id=member.pk, team_id=member.team_id, username=member.user.username,
-        team_timezone=member.team.timezone,
+        team_timezone=member.team.timezone, team_token_cap=member.team.token_cap,
         usable=key.revoked_at is None and member.is_active and member.user.is_active,
         expires_at=key.expires_at, request_quota=member.request_quota, token_quota=member.token_quota,
         requests_per_minute=member.requests_per_minute, tokens_per_minute=member.tokens_per_minute,

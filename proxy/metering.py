@@ -10,7 +10,7 @@ from datetime import date, datetime
 
 from django.db import connection, transaction
 
-from billing.models import QuotaCounter, UsageRecord
+from billing.models import QuotaCounter, TeamQuotaCounter, UsageRecord
 from proxy.db import run_db
 
 _USAGE = UsageRecord._meta.db_table
@@ -29,7 +29,15 @@ UPDATE {_COUNTER}
    SET requests_reserved = requests_reserved - 1, tokens_reserved = tokens_reserved - %s,
        requests_used = requests_used + %s, tokens_used = tokens_used + %s
  WHERE id = %s"""
+_SETTLE_TEAM = f"""
+UPDATE {TeamQuotaCounter._meta.db_table}
+   SET tokens_reserved = tokens_reserved - %s, tokens_used = tokens_used + %s
+ WHERE id = %s"""
 _SETTLE_PG = f"WITH ins AS ({_INSERT} RETURNING 1) {_SETTLE} AND EXISTS (SELECT 1 FROM ins)"
+_SETTLE_PG_TEAM = (
+    f"WITH ins AS ({_INSERT} RETURNING 1), team AS ({_SETTLE_TEAM} AND EXISTS (SELECT 1 FROM ins)) "
+    f"{_SETTLE} AND EXISTS (SELECT 1 FROM ins)"
+)
 
 
 @dataclass(slots=True)
@@ -87,7 +95,8 @@ class UsageRow:
         ]
 
 
-def _settle(row: UsageRow, usage: Usage, counter_id: int | None, reserved_tokens: int) -> None:
+def _settle(row: UsageRow, usage: Usage, counter_id: int | None, reserved_tokens: int,
+            team_counter_id: int | None) -> None:
     tokens = usage.total_tokens
     charged_requests = 1 if row.status in (UsageRecord.Status.OK, UsageRecord.Status.CLIENT_DISCONNECTED) or tokens else 0
     values = row.values(usage)
@@ -95,14 +104,21 @@ def _settle(row: UsageRow, usage: Usage, counter_id: int | None, reserved_tokens
         if counter_id is None:
             cursor.execute(_INSERT, values)
         elif connection.vendor == "postgresql":
-            cursor.execute(_SETTLE_PG, [*values, reserved_tokens, charged_requests, tokens, counter_id])
+            member_args = [reserved_tokens, charged_requests, tokens, counter_id]
+            if team_counter_id is None:
+                cursor.execute(_SETTLE_PG, [*values, *member_args])
+            else:
+                cursor.execute(_SETTLE_PG_TEAM, [*values, reserved_tokens, tokens, team_counter_id, *member_args])
         else:
             with transaction.atomic():
                 cursor.execute(_INSERT, values)
                 if cursor.rowcount == 1:
                     cursor.execute(_SETTLE, [reserved_tokens, charged_requests, tokens, counter_id])
+                    if team_counter_id is not None:
+                        cursor.execute(_SETTLE_TEAM, [reserved_tokens, tokens, team_counter_id])
 
 
-async def settle(row: UsageRow, usage: Usage, counter_id: int | None = None, reserved_tokens: int = 0) -> None:
+async def settle(row: UsageRow, usage: Usage, counter_id: int | None = None, reserved_tokens: int = 0,
+                 team_counter_id: int | None = None) -> None:
     """Write the request's usage row and, if it holds a reservation, release it and charge the real usage."""
-    await run_db(_settle, row, usage, counter_id, reserved_tokens)
+    await run_db(_settle, row, usage, counter_id, reserved_tokens, team_counter_id)

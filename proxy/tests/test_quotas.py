@@ -303,3 +303,27 @@ def test_fair_share_keeps_a_light_member_fast_while_another_floods(transactional
     assert ratio <= 1.5, (ratio, idle, flooded)
     assert statistics.mean(running) >= 7.0, running  # the GPU stayed (nearly) full
     assert max(running) <= 8
+
+
+def test_team_token_cap_holds_across_members(transactional_db, gateway, second_gateway, sim):
+    from billing.models import TeamQuotaCounter
+
+    world = make_world(gateway, sim.base_url)
+    world.team.token_cap = 1500
+    world.team.save(update_fields=["token_cap"])
+    _, other_key = world.add_member()
+    body = {"max_tokens": 200, "ignore_eos": True}
+    responses = _fire([gateway.url, second_gateway.url], world.key, 10, **body)
+    responses += _fire([second_gateway.url, gateway.url], other_key, 10, **body)
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert ok and refused and len(ok) + len(refused) == 20
+    assert all("team's monthly cap of 1500 tokens" in r.json()["error"]["message"] for r in refused)
+    wait_for(lambda: UsageRecord.objects.filter(team=world.team).count() == 20)
+    team_counter = TeamQuotaCounter.objects.get(team=world.team)
+    assert team_counter.tokens_used == len(ok) * (PROMPT + 200) <= 1500
+    assert team_counter.tokens_reserved == 0
+    assert sum(c.tokens_used for c in QuotaCounter.objects.filter(member__team=world.team)) == team_counter.tokens_used
+    # a member's reservation is rolled back when the team has no room
+    assert all(c.tokens_reserved == 0 and c.requests_reserved == 0
+               for c in QuotaCounter.objects.filter(member__team=world.team))
