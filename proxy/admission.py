@@ -17,7 +17,9 @@ from django.db import connection, transaction
 
 from billing.models import QuotaCounter, TeamQuotaCounter
 from billing.periods import period_reset_at, period_start_for
-from proxy.db import run_db
+import psycopg
+
+from proxy.db import async_postgres, run_db
 from proxy.errors import ApiError
 from proxy.keys import KeyInfo
 
@@ -114,10 +116,52 @@ def _reserve(key: KeyInfo, start: date, tokens: int) -> tuple[int, int | None] |
     return QuotaCounter.objects.get(member_id=key.member_id, period_start=start)
 
 
+async def _take_async(conn, reserve_sql: str, reserve_args: list, open_sql: str, open_args: list) -> int | None:
+    """_take on an async psycopg connection."""
+    row = await (await conn.execute(reserve_sql, reserve_args)).fetchone()
+    if row:
+        return row[0]
+    await conn.execute(open_sql, open_args)
+    row = await (await conn.execute(reserve_sql, reserve_args)).fetchone()
+    return row[0] if row else None
+
+
+async def _reserve_async(conn, key: KeyInfo, start: date, tokens: int) -> tuple[int, int | None] | str:
+    """_reserve on PostgreSQL's async pool: the counters' ids, or "member"/"team" for who has no room."""
+    member_args = [tokens, key.member_id, start, tokens]
+    open_args = [key.member_id, start, key.request_quota, key.token_quota]
+    if key.team_token_cap is None:
+        counter_id = await _take_async(conn, _RESERVE_SQL, member_args, _OPEN_SQL, open_args)
+        return (counter_id, None) if counter_id is not None else "member"
+    verdict = "member"
+    async with conn.transaction():
+        counter_id = await _take_async(conn, _RESERVE_SQL, member_args, _OPEN_SQL, open_args)
+        if counter_id is not None:
+            team_id = await _take_async(conn, _TEAM_RESERVE_SQL, [tokens, key.team_id, start, tokens],
+                                        _TEAM_OPEN_SQL, [key.team_id, start, key.team_token_cap])
+            if team_id is not None:
+                return counter_id, team_id
+            verdict = "team"
+            raise psycopg.Rollback()  # the member's reservation goes too
+    return verdict
+
+
+def _full_counter(key: KeyInfo, start: date, verdict: str) -> QuotaCounter | TeamQuotaCounter:
+    if verdict == "team":
+        return TeamQuotaCounter.objects.get(team_id=key.team_id, period_start=start)
+    return QuotaCounter.objects.get(member_id=key.member_id, period_start=start)
+
+
 async def reserve(key: KeyInfo, tokens: int) -> Reservation:
     """Reserve one request and `tokens` tokens for key's member in the current period, or raise QuotaExceeded."""
     start = period_start_for(key.team_timezone)
-    result = await run_db(_reserve, key, start, tokens)
+    postgres = async_postgres()
+    if postgres is not None:
+        result = await postgres.run(_reserve_async, key, start, tokens)
+        if isinstance(result, str):
+            result = await run_db(_full_counter, key, start, result)
+    else:
+        result = await run_db(_reserve, key, start, tokens)
     if isinstance(result, tuple):
         return Reservation(counter_id=result[0], team_counter_id=result[1], period_start=start, tokens=tokens)
     counter, tz = result, key.team_timezone

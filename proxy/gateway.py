@@ -20,6 +20,7 @@ from django.utils import timezone
 from billing.models import UsageRecord
 from proxy import errors
 from proxy.admission import reserve
+from proxy.db import close_async_postgres
 from proxy.errors import ApiError, invalid_request
 from proxy.fairness import FairQueue, QueueTimeout
 from proxy.keys import KeyInfo, authenticate, extract_key
@@ -154,6 +155,7 @@ class Gateway:
         await self.router.stop()
         await self.limits.close()
         await self.fair_queue.close()
+        await close_async_postgres()
 
     async def __call__(self, scope, receive, send) -> None:
         ex = Exchange(scope, receive, send)

@@ -11,7 +11,7 @@ from datetime import date, datetime
 from django.db import connection, transaction
 
 from billing.models import QuotaCounter, TeamQuotaCounter, UsageRecord
-from proxy.db import run_db
+from proxy.db import async_postgres, run_db
 
 _USAGE = UsageRecord._meta.db_table
 _COUNTER = QuotaCounter._meta.db_table
@@ -95,30 +95,49 @@ class UsageRow:
         ]
 
 
+def _charged_requests(row: UsageRow, usage: Usage) -> int:
+    """A request counts against the quota if it was answered, or if it used tokens."""
+    ok = row.status in (UsageRecord.Status.OK, UsageRecord.Status.CLIENT_DISCONNECTED)
+    return 1 if ok or usage.total_tokens else 0
+
+
+def _postgres_statement(row: UsageRow, usage: Usage, counter_id: int | None, reserved_tokens: int,
+                        team_counter_id: int | None) -> tuple[str, list]:
+    """The one statement that settles a request on PostgreSQL."""
+    values = row.values(usage)
+    if counter_id is None:
+        return _INSERT, values
+    member_args = [reserved_tokens, _charged_requests(row, usage), usage.total_tokens, counter_id]
+    if team_counter_id is None:
+        return _SETTLE_PG, [*values, *member_args]
+    return _SETTLE_PG_TEAM, [*values, reserved_tokens, usage.total_tokens, team_counter_id, *member_args]
+
+
 def _settle(row: UsageRow, usage: Usage, counter_id: int | None, reserved_tokens: int,
             team_counter_id: int | None) -> None:
-    tokens = usage.total_tokens
-    charged_requests = 1 if row.status in (UsageRecord.Status.OK, UsageRecord.Status.CLIENT_DISCONNECTED) or tokens else 0
-    values = row.values(usage)
     with connection.cursor() as cursor:
-        if counter_id is None:
-            cursor.execute(_INSERT, values)
-        elif connection.vendor == "postgresql":
-            member_args = [reserved_tokens, charged_requests, tokens, counter_id]
-            if team_counter_id is None:
-                cursor.execute(_SETTLE_PG, [*values, *member_args])
-            else:
-                cursor.execute(_SETTLE_PG_TEAM, [*values, reserved_tokens, tokens, team_counter_id, *member_args])
-        else:
-            with transaction.atomic():
-                cursor.execute(_INSERT, values)
-                if cursor.rowcount == 1:
-                    cursor.execute(_SETTLE, [reserved_tokens, charged_requests, tokens, counter_id])
-                    if team_counter_id is not None:
-                        cursor.execute(_SETTLE_TEAM, [reserved_tokens, tokens, team_counter_id])
+        if connection.vendor == "postgresql" or counter_id is None:
+            cursor.execute(*_postgres_statement(row, usage, counter_id, reserved_tokens, team_counter_id))
+            return
+        with transaction.atomic():  # SQLite: no data-modifying CTEs, so two steps in one transaction
+            cursor.execute(_INSERT, row.values(usage))
+            if cursor.rowcount == 1:
+                tokens = usage.total_tokens
+                cursor.execute(_SETTLE, [reserved_tokens, _charged_requests(row, usage), tokens, counter_id])
+                if team_counter_id is not None:
+                    cursor.execute(_SETTLE_TEAM, [reserved_tokens, tokens, team_counter_id])
+
+
+async def _settle_async(conn, statement: tuple[str, list]) -> None:
+    await conn.execute(*statement)
 
 
 async def settle(row: UsageRow, usage: Usage, counter_id: int | None = None, reserved_tokens: int = 0,
                  team_counter_id: int | None = None) -> None:
     """Write the request's usage row and, if it holds a reservation, release it and charge the real usage."""
-    await run_db(_settle, row, usage, counter_id, reserved_tokens, team_counter_id)
+    postgres = async_postgres()
+    if postgres is not None:
+        statement = _postgres_statement(row, usage, counter_id, reserved_tokens, team_counter_id)
+        await postgres.run(_settle_async, statement)
+    else:
+        await run_db(_settle, row, usage, counter_id, reserved_tokens, team_counter_id)

@@ -94,6 +94,10 @@ else:
         "connect_timeout", env.int("QWENHUB_DB_CONNECT_TIMEOUT", default=3)
     )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+# Connections each gateway process keeps for its hot-path statements (PostgreSQL only).
+QWENHUB_DB_POOL_SIZE = env.int("QWENHUB_DB_POOL_SIZE", default=8)
+# Seconds a request waits for one of them before a 503.
+QWENHUB_DB_POOL_TIMEOUT = env.float("QWENHUB_DB_POOL_TIMEOUT", default=3.0)
 
 # One Redis for the cache, rate limits, fair queueing and the Celery broker.
 REDIS_URL = env("REDIS_URL", default="")

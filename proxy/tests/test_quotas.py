@@ -13,6 +13,7 @@ import pytest
 
 from billing.models import QuotaCounter, UsageRecord
 from proxy.admission import reserve
+from proxy.db import close_async_postgres
 from proxy.keys import authenticate, forget_all
 from proxy.metering import Usage, UsageRow, settle
 from proxy.simulator.testing import start_simulator
@@ -140,8 +141,14 @@ def test_month_boundary_in_the_team_time_zone(transactional_db):
             await settle(row, Usage(prompt_tokens=3, completion_tokens=2), reservation.counter_id, reservation.tokens)
             return reservation.period_start
 
-    before = asyncio.run(one(datetime(2026, 11, 30, 15, 59, 59, tzinfo=dt_timezone.utc)))
-    after = asyncio.run(one(datetime(2026, 11, 30, 16, 0, 1, tzinfo=dt_timezone.utc)))
+    async def both() -> tuple[date, date]:
+        try:
+            return (await one(datetime(2026, 11, 30, 15, 59, 59, tzinfo=dt_timezone.utc)),
+                    await one(datetime(2026, 11, 30, 16, 0, 1, tzinfo=dt_timezone.utc)))
+        finally:
+            await close_async_postgres()  # the pool belongs to this event loop
+
+    before, after = asyncio.run(both())
     assert (before, after) == (date(2026, 11, 1), date(2026, 12, 1))
     counters = {c.period_start: c for c in QuotaCounter.objects.filter(member=member)}
     assert set(counters) == {date(2026, 11, 1), date(2026, 12, 1)}
