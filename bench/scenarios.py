@@ -1,0 +1,178 @@
+"""The benchmark's scenarios. Add one with ``@scenario(...)``; it gets a ``Bench`` and returns Results.
+
+Simulator configurations (one simulator process each, started only if a selected
+scenario needs it) are declared with ``sim_group``; the gateway reaches each as the
+model ``bench-<group>`` (public name = served name, so direct and gateway requests
+carry the same body).
+"""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+
+import aiohttp
+
+from bench.loadgen import percentile, run_load
+from bench.runner import CHAT, Bench, Result, Target, _run, chat_body, scenario, sim_group
+from proxy.simulator.testing import parse_metrics
+
+INSTANT = sim_group("instant", "--max-num-seqs", "256", max_concurrency=256)
+GPU = sim_group("gpu", "--ttft-ms", "100", "--itl-ms", "20", "--max-num-seqs", "64", max_concurrency=64)
+FAIR = sim_group("fair", "--ttft-ms", "100", "--itl-ms", "20", "--max-num-seqs", "8", max_concurrency=8)
+
+STATEMENTS = Target("PostgreSQL statements per request", "statements_per_request", "<=", 2)
+
+
+@scenario("overhead", sims=("instant",),
+          help="instant upstream, 16 tokens, non-streamed and streamed, concurrency 1/16/64")
+def overhead(b: Bench) -> list[Result]:
+    timing = b.timing()
+    results = []
+    for stream in (False, True):
+        for c in (1, 16, 64):
+            kind = "stream" if stream else "json"
+            r = b.compare("overhead", f"16 tok {kind} c={c}", "instant", chat_body(INSTANT.model, 16, stream),
+                          stream=stream, concurrency=c, timing=timing, params={"tokens": 16})
+            if c == 1:
+                r.targets.append(Target("added TTFT p50, c=1 stream", "added_ttft_p50_ms", "<=", 2, "ms") if stream
+                                 else Target("added p50, c=1 non-streamed", "added_p50_ms", "<=", 2, "ms"))
+            r.targets.append(Target(f"gateway CPU/request, {kind} c={c}", "cpu_ms_per_request", "<=",
+                                    2.5 if stream else 1.5, "ms"))
+            r.targets.append(STATEMENTS)
+            results.append(r)
+    return results
+
+
+@scenario("long", sims=("instant",), help="instant upstream, 128-token streams, concurrency 16 (CPU per chunk)")
+def long_streams(b: Bench) -> list[Result]:
+    body = chat_body(INSTANT.model, 128, True)
+    chunks = b.count_chunks(b.gateways["main"].url, body, b.auth())
+    r = b.compare("long", "128 tok stream c=16", "instant", body, stream=True, concurrency=16, timing=b.timing(),
+                  params={"tokens": 128})
+    r.metrics["chunks_per_stream"] = chunks
+    r.notes.append(f"{chunks} SSE events per stream reach the client (role+token chunks, final chunk, [DONE])")
+    r.targets += [Target("gateway CPU per streamed chunk (128-token streams)", "cpu_us_per_chunk", "<=", 30, "us"),
+                  STATEMENTS]
+    return [r]
+
+
+@scenario("gpu", sims=("gpu",),
+          help="GPU-like pacing (ttft 100 ms, itl 20 ms, 64 seqs), 64 tokens, concurrency 64")
+def gpu_pacing(b: Bench) -> list[Result]:
+    timing = b.timing("paced")
+    results = []
+    for stream in (True, False):
+        kind = "stream" if stream else "json"
+        r = b.compare("gpu", f"64 tok {kind} c=64 paced", "gpu", chat_body(GPU.model, 64, stream), stream=stream,
+                      concurrency=64, timing=timing, params={"tokens": 64, "max_num_seqs": 64})
+        r.targets.append(Target(f"throughput vs direct, paced {kind}", "throughput_ratio", ">=", 0.98, "x"))
+        if stream:
+            r.targets.append(Target("added TTFT p50, paced stream", "added_ttft_p50_ms", "<=", 5, "ms"))
+        r.targets.append(STATEMENTS)
+        results.append(r)
+    return results
+
+
+# --- fairness -------------------------------------------------------------------------------------
+FLOOD = 100  # member A's requests in flight
+FAIR_TOKENS = 32
+
+
+@scenario("fairness", sims=("fair",), members=("flood-a", "fair-b"),
+          help="capacity 8 (ttft 100 ms, itl 20 ms): A keeps 100 in flight, B sends one at a time; fair queue ON/OFF")
+def fairness(b: Bench) -> list[Result]:
+    sim = b.sims["fair"]
+    n_b = 8 if b.quick else 20
+    cap = 12.0 if b.quick else 45.0  # B's flooded sequence stops early past this (FIFO: ~10 s per request)
+    body = chat_body(FAIR.model, FAIR_TOKENS, False)
+    results = []
+    for mode in ("on", "off"):
+        name = "main" if mode == "on" else "nofair"
+        if mode == "off":
+            b.start_gateway(name, QWENHUB_FAIR_QUEUE="false")
+        gw = b.gateways[name]
+        b.ledger.begin(None)  # not counted: A's cancelled requests would blur statements/request
+        try:
+            out = _run(_fair_phase(sim.root_url, gw.url, body, b.auth("flood-a"), b.auth("fair-b"), n_b, cap))
+        finally:
+            b.ledger.end()
+            if mode == "off":
+                b.stop_gateway(name)
+        idle, flooded, samples, completed, flood_s = out
+        idle_ok = [r.latency * 1000 for r in idle if r.ok]
+        flood_ok = [r.latency * 1000 for r in flooded if r.ok]
+        running = [s[0] for s in samples]
+        waiting = [s[1] for s in samples]
+        m = {
+            "b_idle_p50_ms": percentile(idle_ok, 50), "b_flooded_p50_ms": percentile(flood_ok, 50),
+            "b_flooded_max_ms": max(flood_ok) if flood_ok else None,
+            "b_ratio": (percentile(flood_ok, 50) / percentile(idle_ok, 50)) if idle_ok and flood_ok else None,
+            "b_requests_idle": len(idle_ok), "b_requests_flooded": len(flood_ok),
+            "b_errors": sum(not r.ok for r in idle + flooded),
+            "upstream_running_mean": statistics.fmean(running) if running else None,
+            "upstream_running_min": min(running) if running else None,
+            "upstream_waiting_mean": statistics.fmean(waiting) if waiting else None,
+            "upstream_completed_per_s": completed / flood_s if flood_s else None,
+            "samples": len(samples),
+        }
+        r = Result("fairness", f"fair queue {mode.upper()}", {
+            "capacity": 8, "tokens": FAIR_TOKENS, "a_in_flight": FLOOD, "b_requests": n_b,
+            "b_flooded_cap_s": cap, "QWENHUB_FAIR_QUEUE": mode == "on"}, metrics=m)
+        r.targets.append(Target(f"upstream busy during flood (fair {mode.upper()})", "upstream_running_mean", ">=",
+                                7.5, "of 8"))
+        if len(flood_ok) < n_b:
+            r.notes.append(f"B's flooded sequence stopped after {cap:g} s: {len(flood_ok)} of {n_b} requests")
+        results.append(r)
+        print(f"  fair queue {mode.upper():3s}: B p50 idle {m['b_idle_p50_ms'] or 0:.0f} ms, flooded "
+              f"{m['b_flooded_p50_ms'] or 0:.0f} ms (x{m['b_ratio'] or 0:.2f}, n={len(flood_ok)}); upstream running "
+              f"mean {m['upstream_running_mean'] or 0:.2f}/8, waiting {m['upstream_waiting_mean'] or 0:.1f}", flush=True)
+    return results
+
+
+async def _fair_phase(sim_url, gw_url, body, auth_a, auth_b, n_b, cap):
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as sb, \
+            aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as sa:
+        # B alone on the idle system (after two warm-up requests)
+        await run_load(gw_url, CHAT, body, headers=auth_b, concurrency=1, total=2, session=sb)
+        idle = await run_load(gw_url, CHAT, body, headers=auth_b, concurrency=1, total=n_b, session=sb)
+        # A floods (closed loop, FLOOD in flight); B goes one at a time once the queue has formed
+        flood = asyncio.create_task(run_load(gw_url, CHAT, body, headers=auth_a, concurrency=FLOOD, duration=3600,
+                                             session=sa))
+        await asyncio.sleep(2.0)
+        samples: list[tuple[float, float]] = []
+        sampler = asyncio.create_task(_sample(sb, sim_url, samples))
+        done0 = (await _stats(sb, sim_url))["completed"]
+        t0 = time.perf_counter()
+        flooded = await run_load(gw_url, CHAT, body, headers=auth_b, concurrency=1, total=n_b, duration=cap,
+                                 session=sb)
+        flood_s = time.perf_counter() - t0
+        completed = (await _stats(sb, sim_url))["completed"] - done0
+        sampler.cancel()
+        flood.cancel()
+        await asyncio.gather(sampler, flood, return_exceptions=True)
+    # the cancelled requests leave: wait until the upstream is empty again
+    async with aiohttp.ClientSession() as s:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            st = await _stats(s, sim_url)
+            if st["running"] == 0 and st["waiting"] == 0:
+                break
+            await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    return idle, flooded, samples, completed, flood_s
+
+
+async def _stats(session: aiohttp.ClientSession, sim_url: str) -> dict:
+    async with session.get(sim_url + "/sim/stats") as resp:
+        return await resp.json()
+
+
+async def _sample(session: aiohttp.ClientSession, sim_url: str, out: list) -> None:
+    """vllm:num_requests_running / _waiting from the simulator's /metrics, every 100 ms."""
+    while True:
+        async with session.get(sim_url + "/metrics") as resp:
+            m = parse_metrics(await resp.text())
+        out.append((m.get("vllm:num_requests_running", 0.0), m.get("vllm:num_requests_waiting", 0.0)))
+        await asyncio.sleep(0.1)
