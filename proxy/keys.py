@@ -5,6 +5,7 @@ QWENHUB_KEY_CACHE_SECONDS (default 3 s), so a revoked or expired key, or a
 deactivated member, stops working on every process within that time without
 any cross-process messaging. A miss costs one SELECT with joins.
 """
+import asyncio
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -46,6 +47,7 @@ class KeyInfo:
 
 
 _cache: dict[str, tuple[float, KeyInfo | None]] = {}
+_loading: dict[str, asyncio.Task] = {}
 _last_used_written: dict[int, float] = {}
 
 
@@ -81,6 +83,17 @@ def _load(key_hash: str) -> KeyInfo | None:
     )
 
 
+async def _load_and_cache(key_hash: str) -> KeyInfo | None:
+    try:
+        info = await run_db(_load, key_hash)
+        if len(_cache) >= _MAX_ENTRIES:
+            _cache.clear()
+        _cache[key_hash] = (time.monotonic() + settings.QWENHUB_KEY_CACHE_SECONDS, info)
+        return info
+    finally:
+        del _loading[key_hash]
+
+
 async def authenticate(raw_key: str | None) -> KeyInfo | None:
     """Return the KeyInfo for a presented key, or None for any kind of invalid key."""
     if not raw_key or not api_key_is_plausible(raw_key):
@@ -91,10 +104,12 @@ async def authenticate(raw_key: str | None) -> KeyInfo | None:
     if hit is not None and hit[0] > now:
         info = hit[1]
     else:
-        info = await run_db(_load, key_hash)
-        if len(_cache) >= _MAX_ENTRIES:
-            _cache.clear()
-        _cache[key_hash] = (now + settings.QWENHUB_KEY_CACHE_SECONDS, info)
+        # One lookup per key at a time, in a task of its own: a request that goes away
+        # does not cancel it for the others waiting on it.
+        task = _loading.get(key_hash)
+        if task is None:
+            task = _loading[key_hash] = asyncio.ensure_future(_load_and_cache(key_hash))
+        info = await asyncio.shield(task)
     if info is None or not info.is_valid(timezone.now()):
         return None
     return info
