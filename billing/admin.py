@@ -6,6 +6,7 @@ from django.template.response import TemplateResponse
 
 from billing.models import QuotaCounter, TeamQuotaCounter, UsageRecord
 from billing.services import quota_reset, quota_top_up
+from qwenhub.admin import ReadOnlyAdminMixin
 from tenants.admin import SecretLookupsRefusedMixin
 from tenants.models import Member
 
@@ -29,7 +30,7 @@ class QuotaResetForm(forms.Form):
 
 
 @admin.register(QuotaCounter)
-class QuotaCounterAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
+class QuotaCounterAdmin(ReadOnlyAdminMixin, SecretLookupsRefusedMixin, admin.ModelAdmin):
     """Counters are moved by the gateway; here they are viewed, topped up or reset (this month only)."""
 
     list_display = ["member", "team", "period_start", "requests_used", "requests_reserved", "request_limit",
@@ -38,15 +39,6 @@ class QuotaCounterAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
     search_fields = ["member__user__username", "member__team__slug"]
     list_select_related = ["member__user", "member__team"]
     actions = ["top_up", "reset"]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     def has_quota_permission(self, request):
         return request.user.has_perm("billing.change_quotacounter")
@@ -110,7 +102,7 @@ class QuotaCounterAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
 
 
 @admin.register(UsageRecord)
-class UsageRecordAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
+class UsageRecordAdmin(ReadOnlyAdminMixin, SecretLookupsRefusedMixin, admin.ModelAdmin):
     """One row per /v1 request, written by the gateway and billed: never added, edited or deleted here."""
 
     list_display = ["started_at", "team", "member", "model", "endpoint", "status", "http_status", "prompt_tokens",
@@ -121,29 +113,11 @@ class UsageRecordAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
     date_hierarchy = "started_at"
     show_full_result_count = False  # COUNT(*) over all usage on every page is not free
 
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
-
 
 @admin.register(TeamQuotaCounter)
-class TeamQuotaCounterAdmin(admin.ModelAdmin):
+class TeamQuotaCounterAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """A team's monthly token cap as the gateway moves it: read-only."""
 
     list_display = ["team", "period_start", "tokens_used", "tokens_reserved", "token_limit"]
     list_select_related = ["team"]
     list_filter = ["period_start"]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

@@ -8,6 +8,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.db.models import Count
 
+from qwenhub.admin import ReadOnlyAdminMixin
 from tenants.models import ApiKey, AuditEvent, Member, Team
 from tenants.services import api_key_revoke
 
@@ -154,7 +155,7 @@ class ApiKeyAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
+class AuditEventAdmin(ReadOnlyAdminMixin, SecretLookupsRefusedMixin, admin.ModelAdmin):
     """The audit trail is append-only: viewable, never edited here."""
 
     list_display = ["created_at", "kind", "team", "member", "actor", "subject_id", "reason"]
@@ -162,12 +163,3 @@ class AuditEventAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
     search_fields = ["reason", "member__user__username", "actor__username"]
     list_select_related = ["team", "member__user", "member__team", "actor"]
     date_hierarchy = "created_at"
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
