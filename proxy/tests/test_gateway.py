@@ -393,3 +393,21 @@ def test_health_check_marks_upstreams_down_and_up(transactional_db, gateway):
         sim.control(dead=False)
         assert wait_for(lambda: _upstream_up(world) == 1.0)
         assert world.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2).usage
+
+
+def test_database_down_is_a_fast_503(transactional_db, tmp_path):
+    """With PostgreSQL unreachable the gateway answers 503 at once (which the SDK retries), never hangs."""
+    import time as _time
+
+    from proxy.tests.conftest import GatewayProcess
+
+    gw = GatewayProcess(tmp_path, DATABASE_URL=f"postgres://postgres@127.0.0.1:{free_port()}/nowhere")
+    try:
+        started = _time.monotonic()
+        response = httpx.post(gw.url + "/v1/chat/completions", headers={"Authorization": "Bearer sk-some-old-key-1"},
+                              json={"model": MODEL, "messages": MESSAGES}, timeout=10)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "database_unavailable"
+        assert _time.monotonic() - started < 3
+    finally:
+        gw.stop()
