@@ -428,22 +428,22 @@ class Gateway:
             if response.status != 200:
                 raise await self._upstream_error(route, response)
             try:
-                raw = await response.read()
-                data = orjson.loads(raw)
+                data = orjson.loads(await response.read())
             except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
                 data = None
+            ex.upstream_wait += time.perf_counter() - t
             if not isinstance(data, dict):
                 raise ApiError(502, errors.UPSTREAM_BAD_RESPONSE.format(model=route.public_name, status=200),
                                "upstream_error", code="bad_gateway", usage_status=UsageRecord.Status.UPSTREAM_ERROR)
+            if isinstance(data.get("usage"), dict):
+                usage.take(data["usage"])
+            if "model" in data:
+                data["model"] = model_name
+            row.ttft_ms = ex.elapsed_ms()
+            await ex.respond(200, orjson.dumps(data))
         finally:
-            ex.upstream_wait += time.perf_counter() - t
+            # The answer is out before the slot goes back: the client does not wait on the fair queue.
             await self._close(upstream, slot, response, reuse=True)
-        if isinstance(data.get("usage"), dict):
-            usage.take(data["usage"])
-        if "model" in data:
-            data["model"] = model_name
-        row.ttft_ms = ex.elapsed_ms()
-        await ex.respond(200, orjson.dumps(data))
 
     async def forward_stream(self, ex: Exchange, key: KeyInfo, route: Route, payload: dict, model_name: str,
                              client_options, endpoint: str, row: UsageRow, usage: Usage) -> None:
