@@ -65,14 +65,15 @@ def quota_top_up(*, member: Member, requests: int = 0, tokens: int = 0, actor=No
 def quota_reset(*, member: Member, actor=None, reason: str = "") -> QuotaCounter:
     """Give the member a full fresh allowance for the rest of the month.
 
-    Usage already recorded stays (it is billed); the limits become used + quota.
+    Usage already recorded stays (it is billed); the limits become used (and in flight) + quota.
     """
     counter = quota_counter_open(member=member)
     updates = {}
+    # Requests in flight will be charged when they settle: count them as used already.
     if member.request_quota is not None:
-        updates["request_limit"] = F("requests_used") + member.request_quota
+        updates["request_limit"] = F("requests_used") + F("requests_reserved") + member.request_quota
     if member.token_quota is not None:
-        updates["token_limit"] = F("tokens_used") + member.token_quota
+        updates["token_limit"] = F("tokens_used") + F("tokens_reserved") + member.token_quota
     if updates:
         QuotaCounter.objects.filter(pk=counter.pk).update(**updates)
     counter.refresh_from_db()
@@ -80,5 +81,40 @@ def quota_reset(*, member: Member, actor=None, reason: str = "") -> QuotaCounter
         kind=AuditEvent.Kind.QUOTA_RESET, team=member.team, member=member, actor=actor, subject_id=counter.pk,
         reason=reason, data={"period": counter.period_start.isoformat(),
                              "request_limit": counter.request_limit, "token_limit": counter.token_limit},
+    )
+    return counter
+
+
+def _carried_limit(limit: int | None, old_quota: int | None, new_quota: int | None, floor: int) -> int | None:
+    if new_quota is None:
+        return None
+    top_ups = limit - old_quota if limit is not None and old_quota is not None and limit > old_quota else 0
+    return max(new_quota + top_ups, floor)
+
+
+@transaction.atomic
+def quota_counter_apply_quota_change(*, member: Member, old_request_quota: int | None,
+                                     old_token_quota: int | None, actor=None) -> QuotaCounter | None:
+    """Carry a member's changed monthly quotas into the month already open, keeping its top-ups.
+
+    The new limit is quota + this month's top-ups, never below what is used or in flight
+    (a lowered quota can exhaust the month, not undo it). Without an open counter there is
+    nothing to do: the month's counter will copy the new quotas when it opens.
+    """
+    start = period_start_for(member.team.timezone)
+    counter = (QuotaCounter.objects.select_for_update(no_key=True)
+               .filter(member=member, period_start=start).first())
+    if counter is None or (old_request_quota, old_token_quota) == (member.request_quota, member.token_quota):
+        return counter
+    counter.request_limit = _carried_limit(counter.request_limit, old_request_quota, member.request_quota,
+                                           counter.requests_used + counter.requests_reserved)
+    counter.token_limit = _carried_limit(counter.token_limit, old_token_quota, member.token_quota,
+                                         counter.tokens_used + counter.tokens_reserved)
+    counter.save(update_fields=["request_limit", "token_limit"])
+    AuditEvent.objects.create(
+        kind=AuditEvent.Kind.MEMBER_UPDATED, team=member.team, member=member, actor=actor, subject_id=member.pk,
+        reason="monthly quota changed",
+        data={"period": start.isoformat(), "request_quota": member.request_quota, "token_quota": member.token_quota,
+              "request_limit": counter.request_limit, "token_limit": counter.token_limit},
     )
     return counter

@@ -13,9 +13,20 @@ from tenants.models import ApiKey, AuditEvent, Member, Team
 from tenants.services import api_key_revoke
 
 QUOTA_HELP = (
-    "Per month; empty = unlimited. This month's limit is copied when the month starts: "
-    "to apply a change now, use Quota counters → “Reset for this month”."
+    "Per month; empty = unlimited. A change applies to this month at once (top-ups granted this "
+    "month are kept); to give a fresh allowance, use Quota counters → “Reset for this month”."
 )
+
+
+def _apply_quota_change(request, form) -> None:
+    """After a member's quotas were edited, carry the change into the open month."""
+    from billing.services import quota_counter_apply_quota_change
+
+    if {"request_quota", "token_quota"} & set(form.changed_data):
+        quota_counter_apply_quota_change(
+            member=form.instance, old_request_quota=form.initial.get("request_quota"),
+            old_token_quota=form.initial.get("token_quota"), actor=request.user,
+        )
 
 
 class SecretLookupsRefusedMixin:
@@ -68,6 +79,12 @@ class TeamAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(_member_count=Count("members"))
 
+    def save_formset(self, request, form, formset, change):
+        super().save_formset(request, form, formset, change)
+        for member_form in formset.forms:
+            if member_form.instance.pk:
+                _apply_quota_change(request, member_form)
+
     @admin.display(description="members", ordering="_member_count")
     def member_count(self, team):
         return team._member_count
@@ -91,6 +108,11 @@ class MemberAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
         ("Models (none selected = every model)", {"fields": ["allowed_models"]}),
         (None, {"fields": ["created_at", "updated_at"]}),
     ]
+
+    def save_model(self, request, obj, form, change):
+        super().save_model(request, obj, form, change)
+        if change:
+            _apply_quota_change(request, form)
 
     def get_readonly_fields(self, request, obj=None):
         # Moving a member (and their usage history) to another user or team is not an edit.
