@@ -41,6 +41,7 @@ REQUEST_TOO_LARGE_FOR_TPM = (
 )
 SLOT_TTL_MS = 15 * 60 * 1000  # a concurrency slot is forgotten after 15 minutes whatever happens
 WARN_EVERY = 30.0
+MAX_PENDING = 10_000  # settlements kept for replay while Redis is unreachable
 
 _ADMIT = """
 local now = tonumber(ARGV[1])
@@ -174,6 +175,9 @@ class RateLimiter:
         self.degraded_total = 0
         self._redis_down_until = 0.0
         self._warned_at = 0.0
+        # Settlements of Redis admissions that failed: replayed once Redis answers again,
+        # so a blip does not hold concurrency slots for SLOT_TTL_MS.
+        self._pending: list[tuple[list[str], list]] = []
 
     def _use_redis(self) -> bool:
         return self._admit is not None and time.monotonic() >= self._redis_down_until
@@ -198,6 +202,8 @@ class RateLimiter:
         if self._use_redis():
             m = key.member_id
             try:
+                if self._pending:
+                    await self._replay()
                 result = [v.decode() if isinstance(v, bytes) else str(v) for v in await self._admit(
                     keys=[f"qh:rl:{m}:r", f"qh:rl:{m}:t", f"qh:rl:{m}:c"], args=args)]
                 local = False
@@ -246,15 +252,24 @@ class RateLimiter:
             return
         delta = actual_tokens - admission.tokens
         now = time.time() * 1000
-        if not admission.local and self._settle is not None:
-            m = admission.member_id
-            try:
-                await self._settle(keys=[f"qh:rl:{m}:t", f"qh:rl:{m}:c"],
-                                   args=[now, admission.tokens_per_minute, delta, admission.request_id])
-                return
-            except (RedisError, OSError) as exc:
-                self._redis_failed(exc)
-        self.local.settle(admission.member_id, admission.tokens_per_minute, delta, admission.request_id, now)
+        if admission.local or self._settle is None:
+            self.local.settle(admission.member_id, admission.tokens_per_minute, delta, admission.request_id, now)
+            return
+        m = admission.member_id
+        keys, args = [f"qh:rl:{m}:t", f"qh:rl:{m}:c"], [now, admission.tokens_per_minute, delta, admission.request_id]
+        try:
+            await self._settle(keys=keys, args=args)
+        except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            if len(self._pending) < MAX_PENDING:
+                self._pending.append((keys, args))
+
+    async def _replay(self) -> None:
+        """Send the settlements Redis missed; raises (keeping the rest) if it fails again."""
+        while self._pending:
+            keys, args = self._pending[0]
+            await self._settle(keys=keys, args=args)
+            self._pending.pop(0)
 
     async def close(self) -> None:
         if self.redis is not None:
