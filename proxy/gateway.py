@@ -18,6 +18,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from billing.models import UsageRecord
+from billing.periods import period_start_for
 from proxy import errors
 from proxy.admission import reserve
 from proxy.db import close_async_postgres
@@ -313,8 +314,6 @@ class Gateway:
             self._log(ex, key, row, usage)
 
     async def _settle_rejected(self, ex: Exchange, key: KeyInfo, row: UsageRow, usage: Usage) -> None:
-        from billing.periods import period_start_for
-
         row.period_start = period_start_for(key.team_timezone)
         row.duration_ms = ex.elapsed_ms()
         try:

@@ -59,6 +59,7 @@ def main() -> None:
         print(
             f"\nQwenHub is running (embedded: SQLite, no Redis, simulated vLLM at {settings.QWENHUB_SIMULATOR_URL}).\n"
             f"  OpenAI-compatible API: http://{host}:{port}/v1   (use the demo key above)\n"
+            f"  Your account page:     http://{host}:{port}/   (sign in as alice, bob or demo-admin)\n"
             f"  Django admin:          http://{host}:{port}/admin/\n"
             f"  Try: curl http://{host}:{port}/v1/chat/completions -H 'Authorization: Bearer <key>' "
             "-H 'Content-Type: application/json' "
