@@ -46,6 +46,54 @@ single Redis and on a cluster since they share the hash tag, though not declared
   The pub/sub listener only resolves Futures and never frees anything itself, so
   the withdraw script is the one authority over a raced grant.
 
+Fast path: kept slots (no Redis on the hot path below saturation)
+-----------------------------------------------------------------
+Two EVALSHA round trips per request cost the gateway ~10 % of its CPU although
+most of the time the upstream is far from full. So a process *keeps* the slots
+its requests give back and reuses them for its next requests without asking
+Redis, as long as the upstream is clearly not saturated:
+
+- A kept slot is an ordinary token in ``held`` (granted by the acquire script
+  as always), so every process and every script counts it: Redis never sees
+  fewer slots than are in use, and the scripts still never grant beyond
+  ``capacity``. **The overshoot bound is therefore 0**: with Redis up, at most
+  ``capacity`` requests (fast path or not, all processes together) hold a slot
+  at any time, during the transition to saturation as at any other time. (The
+  cost of the fast path is the opposite: a kept slot that sits idle is
+  unavailable to others for a short while, see below.)
+- ``release`` keeps the token (no Redis call) only if the upstream is below the
+  threshold as last seen by this process: nobody waiting and at most
+  ``FAST_FRACTION`` (75 %) of ``capacity`` slots held, seen ≤ 20 ms ago
+  (``LINGER``). Otherwise it releases through the script as before (which
+  dispatches to waiters).
+- ``acquire`` takes a kept token (no Redis call) if that view is ≤ 10 ms old
+  (``FRESH``) and shows the same. If it is older, one script (*sync*) reads
+  the state and, if anyone waits or more than 75 % is held, gives all idle kept
+  tokens back (dispatching them to the waiters, DRR) and the request takes the
+  per-request path; otherwise the token is reused. Each script result (acquire,
+  release, sync, withdraw) refreshes the view. So under steady load below
+  saturation a process talks to Redis about once per 10 ms, not twice per
+  request; new slots are taken one acquire script each when its concurrency grows.
+- A kept token idle for ``LINGER`` (20 ms) is given back by a timer (one
+  script for all of them), so slots kept by a process whose traffic stopped
+  return to the pool within 20 ms.
+- Tokens are granted with a TTL of ``hold_ttl + reuse window`` (window =
+  min(60 s, hold_ttl / 4)) and reused only within the window after their grant,
+  so a request on a reused token still has at least ``hold_ttl`` before Redis
+  would expire it. (A crashed process's slots thus expire after up to
+  hold_ttl + 60 s.)
+- Only for upstreams with ``capacity ≥ FAST_MIN_CAPACITY`` (8): with fewer
+  slots, each one matters and every request takes the per-request path.
+
+What this costs fairness, bounded: a waiter that enqueues while another process
+holds kept tokens can be passed over by that process's own new requests reusing
+them for at most ``FRESH`` (10 ms, until its view is refreshed), and a kept
+token that becomes idle reaches the waiter at most ``LINGER`` (20 ms) late. At
+saturation (someone waiting, or > 75 % held) no slot is kept and everything goes
+through the per-request scripts: per-member queues and DRR exactly as before.
+``fast_total`` counts acquires served from a kept slot. ``stats()`` counts
+kept idle slots as in flight.
+
 Crash safety: slots are scored by expiry (``hold_ttl``, default 15 min), so a
 process that dies holding slots loses them after at most ``hold_ttl``; expired
 slots are purged lazily by every script, and a waiter that sees nobody release
@@ -53,7 +101,9 @@ anything pokes (runs the release script with no slot) when the earliest slot is
 due to expire. Queued entries carry their waiter's deadline (now + queue
 timeout): entries of a timed-out or dead waiter are skipped when reached.
 Releases that fail because Redis is unreachable are kept (at most 10 000) and
-replayed when Redis answers again, so an outage does not leak slots for 15 min.
+replayed when Redis answers again, so an outage does not leak slots for 15 min;
+so are this process's kept idle tokens when Redis fails (the fast path is off
+while the process is in local mode).
 
 Retry-after (``QueueTimeout.retry_after``): an EWMA (α = 0.2, prior 10 s) of how
 long this process saw slots held on the upstream, times the number of grants
@@ -114,6 +164,12 @@ EWMA_ALPHA = 0.2
 EWMA_PRIOR = 10.0  # seconds a slot is assumed held until a release has been seen
 MAX_PENDING = 10_000  # failed releases kept for replay
 MIN_POKE = 0.05
+# Fast path (kept slots, see the module docstring)
+FAST_MIN_CAPACITY = 8  # upstreams with fewer slots always take the per-request path
+FAST_FRACTION = 0.75  # slots are kept for reuse only while held ≤ this fraction of the capacity
+FRESH = 0.010  # seconds: a view of Redis this old still allows reusing a kept slot
+LINGER = 0.020  # seconds: a kept slot idle this long goes back to Redis
+REUSE_WINDOW = 60.0  # seconds (at most hold_ttl / 4): a slot token is reused only this long after its grant
 
 _OFF, _REDIS, _LOCAL = 0, 1, 2
 
@@ -139,6 +195,7 @@ class Slot:
     waited: float = 0.0  # seconds spent queued
     granted_at: float = 0.0  # time.monotonic() of the grant
     released: bool = False
+    reuse_until: float = 0.0  # time.monotonic() until which the token may be kept for reuse (0: never)
 
 
 class _RedisLost(Exception):
@@ -236,9 +293,10 @@ if not redis.call('LPOS', R, m) then redis.call('RPUSH', R, m) end
 return {0, n, redis.call('HLEN', E), earliest()}
 """
 
-# ARGV[3] = token ('' to only purge and dispatch) → {removed, in_flight, queued, ms until earliest expiry | -1}
+# ARGV[3..] = tokens ('' to only purge and dispatch) → {removed, in_flight, queued, ms until earliest expiry | -1}
 _LUA_RELEASE = _LUA_COMMON + """
-local r = redis.call('ZREM', H, ARGV[3])
+local r = 0
+for i = 3, #ARGV do r = r + redis.call('ZREM', H, ARGV[i]) end
 redis.call('ZREMRANGEBYSCORE', H, '-inf', now)
 local n = redis.call('ZCARD', H)
 local qn = redis.call('HLEN', E)
@@ -278,6 +336,49 @@ for i = 1, #ws, 2 do
 end
 return {status, redis.call('ZCARD', H), redis.call('HLEN', E), redis.call('LLEN', q), total, mine}
 """
+
+
+# Fast path: is reusing kept slots still fine? ARGV: 3 limit (held ≤ limit), 4.. this process's idle
+# kept tokens. If anyone waits or more than `limit` slots are held, the kept tokens are given back
+# (and dispatched to waiters). → {1 given back | 0 keep them, in_flight, queued}
+_LUA_SYNC = _LUA_COMMON + """
+redis.call('ZREMRANGEBYSCORE', H, '-inf', now)
+local n = redis.call('ZCARD', H)
+local qn = redis.call('HLEN', E)
+if qn > 0 and n < cap then
+  n = dispatch(n)
+  qn = redis.call('HLEN', E)
+end
+if qn > 0 or n > tonumber(ARGV[3]) then
+  for i = 4, #ARGV do redis.call('ZREM', H, ARGV[i]) end
+  n = redis.call('ZCARD', H)
+  if qn > 0 and n < cap then
+    n = dispatch(n)
+    qn = redis.call('HLEN', E)
+  end
+  return {1, n, qn}
+end
+return {0, n, qn}
+"""
+
+
+# ---------------------------------------------------------------------------------------
+class _Kept:
+    """Fast path state of one upstream in this process: idle kept slots and the last view of Redis."""
+
+    __slots__ = ("pool", "n", "q", "at", "timer", "capacity")
+
+    def __init__(self) -> None:
+        self.pool: deque[tuple[bytes, float, float]] = deque()  # (token, reuse_until, idle since); right = newest
+        self.n = 0  # slots held on the upstream (all processes), as last seen
+        self.q = 0  # waiters, as last seen
+        self.at = -1e9  # time.monotonic() of that view
+        self.timer: asyncio.TimerHandle | None = None
+        self.capacity = 0
+
+
+def _fast_limit(capacity: int) -> int:
+    return int(capacity * FAST_FRACTION) if capacity >= FAST_MIN_CAPACITY else -1
 
 
 # ---------------------------------------------------------------------------------------
@@ -382,6 +483,8 @@ class FairQueue:
         self.redis_errors_total = 0  # Redis failures seen
         self._timeout_ms = str(max(1, int(self.queue_timeout * 1000)))
         self._ttl_ms = str(max(1, int(self.hold_ttl * 1000)))
+        self._reuse = min(REUSE_WINDOW, self.hold_ttl / 4)
+        self._ttl_fast_ms = str(max(1, int((self.hold_ttl + self._reuse) * 1000)))
         self._redis: Redis | None = None
         if redis_url and enabled:
             self._redis = Redis.from_url(
@@ -391,6 +494,7 @@ class FairQueue:
             self._s_acquire = self._redis.register_script(_LUA_ACQUIRE)
             self._s_release = self._redis.register_script(_LUA_RELEASE)
             self._s_withdraw = self._redis.register_script(_LUA_WITHDRAW)
+            self._s_sync = self._redis.register_script(_LUA_SYNC)
         self._proc = secrets.token_hex(6)
         self._proc_b = self._proc.encode()
         self._channel = b"qh:fq:ch:" + self._proc_b
@@ -404,6 +508,8 @@ class FairQueue:
         self._keys: dict[int, tuple[list, bytes]] = {}
         self._ewma: dict[int, float] = {}
         self._seen: dict[int, tuple[int, int]] = {}
+        self._kept: dict[int, _Kept] = {}  # upstream id → fast path state
+        self.fast_total = 0  # acquires served from a kept slot, without Redis
         self._pending: list[tuple[int, int, int, bytes]] = []  # Redis slots to release once Redis is back
         self._flushing = False
         self._tasks: set[asyncio.Task] = set()
@@ -444,6 +550,14 @@ class FairQueue:
         if now < self._down_until:
             self._defer(slot)
             return
+        if slot.reuse_until > now:  # fast path: keep the slot for this process's next request?
+            k = self._kept.get(uid)
+            if k is not None and k.q == 0 and k.n <= _fast_limit(slot.capacity) and now - k.at <= LINGER:
+                k.pool.append((slot.token, slot.reuse_until, now))
+                k.capacity = slot.capacity
+                if k.timer is None:
+                    k.timer = asyncio.get_running_loop().call_later(LINGER, self._linger, uid)
+                return
         keys, prefix = self._keys_for(uid)
         try:
             res = await self._s_release(keys=keys, args=(prefix, slot.capacity, slot.token))
@@ -457,7 +571,7 @@ class FairQueue:
                 log.exception("fair queue: release failed")
             self._defer(slot)
             return
-        self._seen[uid] = (res[1], res[2])
+        self._saw(uid, res[1], res[2], now)
 
     def stats(self, upstream_id: int) -> dict:
         if self._redis is None or time.monotonic() < self._down_until:
@@ -468,6 +582,18 @@ class FairQueue:
 
     async def close(self) -> None:
         self._lose_waiters()
+        for uid, k in self._kept.items():
+            if k.timer is not None:
+                k.timer.cancel()
+                k.timer = None
+            if k.pool:
+                tokens = [e[0] for e in k.pool]
+                k.pool.clear()
+                if time.monotonic() >= self._down_until:
+                    self._spawn(self._give_back(uid, k.capacity, tokens))
+                else:
+                    for tok in tokens:
+                        self._defer_token(uid, k.capacity, 0, tok)
         await self._stop_listener()
         if self._pending and not self._flushing and time.monotonic() >= self._down_until:
             self._spawn(self._flush())  # give back what an earlier outage kept from Redis
@@ -542,7 +668,99 @@ class FairQueue:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
+    def _saw(self, uid: int, n: int, q: int, at: float) -> None:
+        """Note what a script reported (at = when it was sent)."""
+        self._seen[uid] = (n, q)
+        k = self._kept.get(uid)
+        if k is not None and at >= k.at:
+            k.n, k.q, k.at = n, q, at
+
+    async def _reuse_kept(self, uid: int, k: _Kept, capacity: int, member: int, limit: int,
+                          now: float) -> Slot | None:
+        """Fast path: hand out a kept slot if the view of Redis is fresh and quiet (else None)."""
+        if now - k.at > FRESH:  # refresh the view; the idle kept tokens go back if anyone waits
+            entries = list(k.pool)
+            k.pool.clear()  # (nobody may reuse them while the script decides)
+            tokens = [e[0] for e in entries]
+            keys, prefix = self._keys_for(uid)
+            try:
+                res = await self._s_sync(keys=keys, args=(prefix, capacity, limit, *tokens))
+            except asyncio.CancelledError:
+                self._spawn(self._give_back(uid, capacity, tokens))
+                raise
+            except BaseException:
+                for tok in tokens:
+                    self._defer_token(uid, capacity, 0, tok)
+                raise
+            self._saw(uid, res[1], res[2], now)
+            if res[0] == 1:
+                return None  # given back: take the per-request path
+            k.pool.extendleft(reversed(entries))
+        if k.q == 0 and k.n <= limit:
+            while k.pool:
+                tok, until, _ = k.pool.pop()
+                if now < until:
+                    self.fast_total += 1
+                    return Slot(uid, tok, _REDIS, capacity, member, 0.0, now, reuse_until=until)
+                self._spawn(self._give_back(uid, capacity, [tok]))  # too old to reuse
+            return None
+        tokens = [e[0] for e in k.pool]  # busy upstream or waiters: give the kept slots back
+        k.pool.clear()
+        self._spawn(self._give_back(uid, capacity, tokens))
+        return None
+
+    async def _give_back(self, uid: int, capacity: int, tokens: list) -> None:
+        """Release kept slots (idle too long, or no longer to be kept) in one script."""
+        if not tokens:
+            return
+        keys, prefix = self._keys_for(uid)
+        at = time.monotonic()
+        try:
+            res = await self._s_release(keys=keys, args=(prefix, capacity, *tokens))
+        except (RedisError, OSError) as exc:
+            self._redis_failed(exc)
+            for tok in tokens:
+                self._defer_token(uid, capacity, 0, tok)
+            return
+        except asyncio.CancelledError:
+            for tok in tokens:
+                self._defer_token(uid, capacity, 0, tok)
+            raise
+        self._saw(uid, res[1], res[2], at)
+
+    def _linger(self, uid: int) -> None:
+        """Timer: give back the kept slots that have been idle for LINGER (or are too old to reuse)."""
+        k = self._kept.get(uid)
+        if k is None:
+            return
+        k.timer = None
+        now = time.monotonic()
+        old = []
+        while k.pool and (now - k.pool[0][2] >= LINGER or now >= k.pool[0][1]):
+            old.append(k.pool.popleft()[0])
+        if old:
+            self._spawn(self._give_back(uid, k.capacity, old))
+        if k.pool:
+            k.timer = asyncio.get_running_loop().call_later(max(0.001, k.pool[0][2] + LINGER - now),
+                                                            self._linger, uid)
+
     async def _acquire_redis(self, uid: int, capacity: int, member: int, weight: int, t0: float) -> Slot:
+        limit = _fast_limit(capacity)
+        if limit >= 0:
+            k = self._kept.get(uid)
+            if k is None:
+                k = self._kept[uid] = _Kept()
+            if k.pool:
+                slot = await self._reuse_kept(uid, k, capacity, member, limit, t0)
+                if slot is not None:
+                    return slot
+            ttl_ms = self._ttl_fast_ms
+            sent = time.monotonic()
+            reuse_until = sent + self._reuse
+        else:
+            ttl_ms = self._ttl_ms
+            sent = t0
+            reuse_until = 0.0
         keys, prefix = self._keys_for(uid)
         token = b"%s:%d" % (self._proc_b, next(self._seq))
         qkey = prefix + str(member).encode()
@@ -555,14 +773,14 @@ class FairQueue:
             self._futures[token] = fut  # before the script may enqueue us
         try:
             res = await self._s_acquire(keys=keys + [qkey], args=(
-                prefix, capacity, member, weight, token, self._channel, self._timeout_ms, self._ttl_ms,
+                prefix, capacity, member, weight, token, self._channel, self._timeout_ms, ttl_ms,
                 1 if listening else 0))
             if res[0] == -1:  # full, and not yet subscribed: subscribe, then queue
                 await asyncio.wait_for(asyncio.shield(self._subscribed), SUBSCRIBE_TIMEOUT)
                 fut = asyncio.get_running_loop().create_future()
                 self._futures[token] = fut
                 res = await self._s_acquire(keys=keys + [qkey], args=(
-                    prefix, capacity, member, weight, token, self._channel, self._timeout_ms, self._ttl_ms, 1))
+                    prefix, capacity, member, weight, token, self._channel, self._timeout_ms, ttl_ms, 1))
         except asyncio.CancelledError:
             self._futures.pop(token, None)
             self._spawn(self._withdraw_later(uid, capacity, member, token))
@@ -573,11 +791,11 @@ class FairQueue:
             raise
         if self._pending and not self._flushing:
             self._spawn(self._flush())
-        self._seen[uid] = (res[1], res[2])
+        self._saw(uid, res[1], res[2], sent)
         if res[0] == 1:
             if fut is not None:
                 self._futures.pop(token, None)
-            return Slot(uid, token, _REDIS, capacity, member, 0.0, time.monotonic())
+            return Slot(uid, token, _REDIS, capacity, member, 0.0, time.monotonic(), reuse_until=reuse_until)
         # Queued: wait for the grant; poke when the earliest held slot is due to expire.
         try:
             deadline = t0 + self.queue_timeout
@@ -606,7 +824,7 @@ class FairQueue:
             self._defer_token(uid, capacity, member, token)
             raise _RedisLost()
         if fut.done():
-            return Slot(uid, token, _REDIS, capacity, member, waited, time.monotonic())
+            return Slot(uid, token, _REDIS, capacity, member, waited, time.monotonic(), reuse_until=reuse_until)
         # Timed out: withdraw; a grant that raced in is still ours.
         try:
             r = await self._s_withdraw(keys=keys + [qkey], args=(prefix, capacity, member, token, 0))
@@ -619,7 +837,7 @@ class FairQueue:
             raise QueueTimeout(self._retry_after(uid, capacity, 1.0), waited) from None
         self._seen[uid] = (r[1], r[2])
         if r[0] == 1:
-            return Slot(uid, token, _REDIS, capacity, member, waited, time.monotonic())
+            return Slot(uid, token, _REDIS, capacity, member, waited, time.monotonic(), reuse_until=reuse_until)
         mine_w = r[5]
         total = r[4] + (0 if mine_w else weight)
         ahead = (r[3] + 1) * total / (mine_w or weight)
@@ -686,6 +904,14 @@ class FairQueue:
             log.warning("fair queue: Redis unavailable (%s: %s); sharing upstream capacity per process "
                         "for now (each process up to the full capacity)", type(exc).__name__, exc)
         self._lose_waiters()
+        for uid, k in self._kept.items():  # kept slots: released once Redis is back
+            if k.timer is not None:
+                k.timer.cancel()
+                k.timer = None
+            for e in k.pool:
+                self._defer_token(uid, k.capacity, 0, e[0])
+            k.pool.clear()
+            k.at = -1e9
         if self._listener is not None and self._listener is not asyncio.current_task():
             self._listener.cancel()
         self._listener = None

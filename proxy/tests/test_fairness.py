@@ -414,3 +414,250 @@ def test_disabled_never_blocks(r):
 
     run(main())
     assert r.dbsize() == 0
+
+
+# --- fast path: kept slots below the saturation threshold ------------------------------------
+def count_scripts(q: FairQueue) -> dict:
+    """Wrap q's Redis scripts to count their calls."""
+    calls = {}
+    for name in ("_s_acquire", "_s_release", "_s_withdraw", "_s_sync"):
+        script = getattr(q, name)
+
+        async def counted(*args, _script=script, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return await _script(*args, **kwargs)
+
+        setattr(q, name, counted)
+    return calls
+
+
+def test_fast_path_makes_no_redis_call_below_the_threshold(r, monkeypatch):
+    import proxy.fairness as fairness
+
+    monkeypatch.setattr(fairness, "FRESH", 5.0)  # no view refresh within this test
+    monkeypatch.setattr(fairness, "LINGER", 5.0)
+
+    async def main():
+        q = FQ(URL)
+        calls = count_scripts(q)
+        for i in range(200):
+            slot = await q.acquire(upstream_id=1, capacity=16, member_id=i % 3)
+            await q.release(slot)
+        assert calls == {"_s_acquire": 1}, calls  # one grant, then the same slot reused 199 times
+        assert q.fast_total == 199
+        assert r.zcard(K + "held") == 1  # the kept slot stays counted in Redis
+        slots = [await q.acquire(upstream_id=1, capacity=16, member_id=1) for _ in range(4)]
+        assert calls == {"_s_acquire": 4}, calls  # 1 reused + 3 granted
+        assert r.zcard(K + "held") == 4
+        for s in slots:
+            await q.release(s)
+        assert sum(calls.values()) == 4 and r.zcard(K + "held") == 4
+        await q.close()  # gives the kept slots back
+        assert r.zcard(K + "held") == 0
+
+    run(main())
+
+
+def test_fast_path_refreshes_its_view_and_gives_idle_slots_back(r, monkeypatch):
+    import proxy.fairness as fairness
+
+    monkeypatch.setattr(fairness, "LINGER", 0.2)
+
+    async def main():
+        q = FQ(URL)
+        calls = count_scripts(q)
+        slot = await q.acquire(upstream_id=1, capacity=16, member_id=1)
+        await q.release(slot)
+        await asyncio.sleep(0.05)  # older than FRESH (not yet LINGER): the next reuse checks Redis once
+        slot = await q.acquire(upstream_id=1, capacity=16, member_id=1)
+        assert calls == {"_s_acquire": 1, "_s_sync": 1}, calls
+        await q.release(slot)
+        assert r.zcard(K + "held") == 1
+        await until(lambda: r.zcard(K + "held") == 0, 1.0)  # idle for LINGER: given back
+        assert calls["_s_release"] == 1
+        await q.close()
+
+    run(main())
+
+
+def test_small_capacities_never_keep_slots(r):
+    async def main():
+        q = FQ(URL)
+        calls = count_scripts(q)
+        for _ in range(5):
+            await q.release(await q.acquire(upstream_id=1, capacity=7, member_id=1))
+        assert calls == {"_s_acquire": 5, "_s_release": 5} and r.zcard(K + "held") == 0
+        await q.close()
+
+    run(main())
+
+
+def _load(queues, capacity, workers_of, duration, r, samples):
+    """Closed-loop workers on several FairQueues; returns the peak of slots in use."""
+    held = peak = 0
+
+    async def worker(q, member, stop_at):
+        nonlocal held, peak
+        while time.monotonic() < stop_at:
+            slot = await q.acquire(upstream_id=1, capacity=capacity, member_id=member)
+            held += 1
+            peak = max(peak, held)
+            await asyncio.sleep(random.uniform(0, 0.004))
+            held -= 1
+            await q.release(slot)
+
+    async def sampler(stop_at):
+        while time.monotonic() < stop_at:
+            samples.append(r.zcard(K + "held"))
+            await asyncio.sleep(0.003)
+
+    async def main():
+        t = time.monotonic()
+        tasks = [sampler(t + duration * len(workers_of))]
+        for step, counts in enumerate(workers_of):  # a ramp: more (or fewer) workers per step
+            start = t + step * duration
+            for qi, n in enumerate(counts):
+                for i in range(n):
+                    async def delayed(q=queues[qi], m=i % 4, start=start):
+                        await asyncio.sleep(max(0.0, start - time.monotonic()))
+                        await worker(q, m, start + duration)
+                    tasks.append(delayed())
+        await asyncio.gather(*tasks)
+        return peak
+
+    return main()
+
+
+def test_saturated_path_bounds_capacity_across_two_queues(r):
+    async def main():
+        a, b = FQ(URL), FQ(URL)
+        samples = []
+        peak = await _load([a, b], 8, [(20, 20)], 1.0, r, samples)
+        assert r.hlen(K + "wait") == 0
+        await a.close()
+        await b.close()
+        assert r.zcard(K + "held") == 0
+        return peak, samples
+
+    peak, samples = run(main())
+    assert peak == 8  # the capacity was used and never exceeded
+    assert max(samples) <= 8
+
+
+def test_transition_under_load_never_exceeds_capacity(r):
+    async def main():
+        a, b = FQ(URL), FQ(URL)
+        samples = []
+        # below the threshold (fast path), saturated, below again, saturated by one process only
+        ramp = [(2, 2), (6, 6), (30, 30), (2, 3), (0, 40), (3, 0)]
+        peak = await _load([a, b], 16, ramp, 0.4, r, samples)
+        assert a.fast_total > 0 and b.fast_total > 0
+        await a.close()
+        await b.close()
+        assert r.zcard(K + "held") == 0 and r.hlen(K + "wait") == 0
+        return peak, samples
+
+    peak, samples = run(main())
+    assert peak == 16  # documented overshoot bound with Redis up: 0
+    assert max(samples) <= 16
+
+
+def test_kept_slots_go_to_waiters_of_another_process(r):
+    async def main():
+        a, b = FQ(URL), FQ(URL)
+        slots = [await a.acquire(upstream_id=1, capacity=8, member_id=1) for _ in range(6)]
+        for s in slots:
+            await a.release(s)  # 6 ≤ 0.75 × 8: a keeps them
+        assert r.zcard(K + "held") == 6
+        t = time.monotonic()
+        got = [await b.acquire(upstream_id=1, capacity=8, member_id=2) for _ in range(4)]
+        waited = time.monotonic() - t
+        assert waited < 0.5  # a's idle slots came back within LINGER, not after hold_ttl
+        assert r.zcard(K + "held") <= 8
+        # a's slots are back in Redis: b saturates the upstream and the next request waits for a release
+        more = [await b.acquire(upstream_id=1, capacity=8, member_id=2) for _ in range(4)]
+        waiter = asyncio.create_task(b.acquire(upstream_id=1, capacity=8, member_id=3))
+        await until(lambda: r.hlen(K + "wait") == 1)
+        await asyncio.sleep(0.02)
+        assert not waiter.done()
+        await b.release(got[0])
+        light = await asyncio.wait_for(waiter, 1.0)
+        for s in got[1:] + more + [light]:
+            await b.release(s)
+        await a.close()
+        await b.close()
+        assert r.zcard(K + "held") == 0
+
+    run(main())
+
+
+def test_kept_slots_are_replayed_after_an_outage(r):
+    async def main():
+        fwd = Forwarder()
+        await fwd.start()
+        q = FQ(f"redis://127.0.0.1:{fwd.port}/11")
+        q.redis_retry_interval = 0.3
+        await q.release(await q.acquire(upstream_id=1, capacity=16, member_id=1))
+        assert r.zcard(K + "held") == 1  # kept
+        await fwd.stop()
+        await asyncio.sleep(0.02)
+        local = await q.acquire(upstream_id=1, capacity=16, member_id=1)  # the refresh fails: local mode
+        assert q.degraded_total == 1 and q.redis_errors_total == 1
+        await q.release(local)
+        await fwd.start()
+        await asyncio.sleep(0.35)
+        back = await q.acquire(upstream_id=1, capacity=16, member_id=1)
+        await until(lambda: r.zcard(K + "held") == 1)  # the kept slot was given back on replay
+        assert r.zrange(K + "held", 0, -1) == [back.token]
+        await q.release(back)
+        await q.close()
+        assert r.zcard(K + "held") == 0
+        await fwd.stop()
+
+    run(main())
+
+
+def test_light_member_served_promptly_while_kept_slots_and_a_flood_compete(r):
+    async def main():
+        a, b = FQ(URL), FQ(URL)
+        stop = time.monotonic() + 1.5
+        held = peak = 0
+
+        async def worker(q, member):
+            nonlocal held, peak
+            while time.monotonic() < stop:
+                slot = await q.acquire(upstream_id=1, capacity=8, member_id=member)
+                held += 1
+                peak = max(peak, held)
+                await asyncio.sleep(0.005)
+                held -= 1
+                await q.release(slot)
+
+        async def light():
+            waits = []
+            await asyncio.sleep(0.3)  # a keeps slots, then b's flood saturates the upstream
+            for _ in range(15):
+                t = time.monotonic()
+                slot = await b.acquire(upstream_id=1, capacity=8, member_id=2)
+                waits.append(time.monotonic() - t)
+                await asyncio.sleep(0.005)
+                await b.release(slot)
+            return waits
+
+        async def flood():
+            await asyncio.sleep(0.2)
+            await asyncio.gather(*(worker(b, 1) for _ in range(80)))
+
+        results = await asyncio.gather(light(), flood(), *(worker(a, 5) for _ in range(3)))
+        assert r.zcard(K + "held") <= 8
+        assert a.fast_total > 0
+        await a.close()
+        await b.close()
+        assert r.zcard(K + "held") == 0 and r.hlen(K + "wait") == 0
+        return results[0], peak
+
+    waits, peak = run(main())
+    assert peak <= 8
+    waits.sort()
+    assert waits[len(waits) // 2] < 0.03, waits  # about one turn of a 3-member ring, not 80 flood requests
+    assert waits[-1] < 0.2, waits
