@@ -67,13 +67,14 @@ Redis, as long as the upstream is clearly not saturated:
   (``LINGER``). Otherwise it releases through the script as before (which
   dispatches to waiters).
 - ``acquire`` takes a kept token (no Redis call) if that view is ≤ 10 ms old
-  (``FRESH``) and shows the same. If it is older, one script (*sync*) reads
-  the state and, if anyone waits or more than 75 % is held, gives all idle kept
-  tokens back (dispatching them to the waiters, DRR) and the request takes the
-  per-request path; otherwise the token is reused. Each script result (acquire,
-  release, sync, withdraw) refreshes the view. So under steady load below
-  saturation a process talks to Redis about once per 10 ms, not twice per
-  request; new slots are taken one acquire script each when its concurrency grows.
+  (``FRESH``) and shows nobody waiting — however full the upstream is: reusing
+  a slot this process already holds adds nothing to what the upstream runs. If
+  the view is older, one script (*sync*) reads the state and, if anyone waits,
+  gives all idle kept tokens back (dispatching them to the waiters, DRR) and the
+  request takes the per-request path; otherwise the token is reused. Each script
+  result (acquire, release, sync, withdraw) refreshes the view. So under steady
+  load a process talks to Redis about once per 10 ms, not twice per request;
+  new slots are taken one acquire script each when its concurrency grows.
 - A kept token idle for ``LINGER`` (20 ms) is given back by a timer (one
   script for all of them), so slots kept by a process whose traffic stopped
   return to the pool within 20 ms.
@@ -349,7 +350,7 @@ if qn > 0 and n < cap then
   n = dispatch(n)
   qn = redis.call('HLEN', E)
 end
-if qn > 0 or n > tonumber(ARGV[3]) then
+if qn > 0 then
   for i = 4, #ARGV do redis.call('ZREM', H, ARGV[i]) end
   n = redis.call('ZCARD', H)
   if qn > 0 and n < cap then
@@ -696,7 +697,9 @@ class FairQueue:
             if res[0] == 1:
                 return None  # given back: take the per-request path
             k.pool.extendleft(reversed(entries))
-        if k.q == 0 and k.n <= limit:
+        # Reusing a slot this process already holds never adds to what the upstream runs,
+        # so only waiters (who must get it instead) matter here, not how full it is.
+        if k.q == 0:
             while k.pool:
                 tok, until, _ = k.pool.pop()
                 if now < until:
