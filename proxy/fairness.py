@@ -268,6 +268,18 @@ local function dispatch(n)
   return n
 end
 
+-- Drop expired slots, hand free ones to waiters; return slots held and waiters left.
+local function settle_slots()
+  redis.call('ZREMRANGEBYSCORE', H, '-inf', now)
+  local n = redis.call('ZCARD', H)
+  local qn = redis.call('HLEN', E)
+  if qn > 0 and n < cap then
+    n = dispatch(n)
+    qn = redis.call('HLEN', E)
+  end
+  return n, qn
+end
+
 local function earliest()
   local e = redis.call('ZRANGE', H, 0, 0, 'WITHSCORES')
   if e[2] then return tonumber(e[2]) - now end
@@ -298,13 +310,7 @@ return {0, n, redis.call('HLEN', E), earliest()}
 _LUA_RELEASE = _LUA_COMMON + """
 local r = 0
 for i = 3, #ARGV do r = r + redis.call('ZREM', H, ARGV[i]) end
-redis.call('ZREMRANGEBYSCORE', H, '-inf', now)
-local n = redis.call('ZCARD', H)
-local qn = redis.call('HLEN', E)
-if qn > 0 and n < cap then
-  n = dispatch(n)
-  qn = redis.call('HLEN', E)
-end
+local n, qn = settle_slots()
 if qn > 0 then return {r, n, qn, earliest()} end
 return {r, n, 0, -1}
 """
@@ -343,13 +349,7 @@ return {status, redis.call('ZCARD', H), redis.call('HLEN', E), redis.call('LLEN'
 # kept tokens. If anyone waits or more than `limit` slots are held, the kept tokens are given back
 # (and dispatched to waiters). → {1 given back | 0 keep them, in_flight, queued}
 _LUA_SYNC = _LUA_COMMON + """
-redis.call('ZREMRANGEBYSCORE', H, '-inf', now)
-local n = redis.call('ZCARD', H)
-local qn = redis.call('HLEN', E)
-if qn > 0 and n < cap then
-  n = dispatch(n)
-  qn = redis.call('HLEN', E)
-end
+local n, qn = settle_slots()
 if qn > 0 then
   for i = 4, #ARGV do redis.call('ZREM', H, ARGV[i]) end
   n = redis.call('ZCARD', H)
