@@ -17,9 +17,7 @@ from django.db import connection, transaction
 
 from billing.models import QuotaCounter, TeamQuotaCounter
 from billing.periods import period_reset_at, period_start_for
-import psycopg
-
-from proxy.db import async_postgres, run_db
+from proxy.db import async_postgres, numbered, run_db
 from proxy.errors import ApiError
 from proxy.keys import KeyInfo
 
@@ -116,14 +114,21 @@ def _reserve(key: KeyInfo, start: date, tokens: int) -> tuple[int, int | None] |
     return QuotaCounter.objects.get(member_id=key.member_id, period_start=start)
 
 
+_RESERVE_ASYNC, _OPEN_ASYNC = numbered(_RESERVE_SQL), numbered(_OPEN_SQL)
+_TEAM_RESERVE_ASYNC, _TEAM_OPEN_ASYNC = numbered(_TEAM_RESERVE_SQL), numbered(_TEAM_OPEN_SQL)
+
+
+class _NoRoom(Exception):
+    """Rolls back a member's reservation when the team has no room."""
+
+
 async def _take_async(conn, reserve_sql: str, reserve_args: list, open_sql: str, open_args: list) -> int | None:
-    """_take on an async psycopg connection."""
-    row = await (await conn.execute(reserve_sql, reserve_args)).fetchone()
-    if row:
-        return row[0]
-    await conn.execute(open_sql, open_args)
-    row = await (await conn.execute(reserve_sql, reserve_args)).fetchone()
-    return row[0] if row else None
+    """_take on an asyncpg connection."""
+    counter_id = await conn.fetchval(reserve_sql, *reserve_args)
+    if counter_id is not None:
+        return counter_id
+    await conn.execute(open_sql, *open_args)
+    return await conn.fetchval(reserve_sql, *reserve_args)
 
 
 async def _reserve_async(conn, key: KeyInfo, start: date, tokens: int) -> tuple[int, int | None] | str:
@@ -131,19 +136,20 @@ async def _reserve_async(conn, key: KeyInfo, start: date, tokens: int) -> tuple[
     member_args = [tokens, key.member_id, start, tokens]
     open_args = [key.member_id, start, key.request_quota, key.token_quota]
     if key.team_token_cap is None:
-        counter_id = await _take_async(conn, _RESERVE_SQL, member_args, _OPEN_SQL, open_args)
+        counter_id = await _take_async(conn, _RESERVE_ASYNC, member_args, _OPEN_ASYNC, open_args)
         return (counter_id, None) if counter_id is not None else "member"
-    verdict = "member"
-    async with conn.transaction():
-        counter_id = await _take_async(conn, _RESERVE_SQL, member_args, _OPEN_SQL, open_args)
-        if counter_id is not None:
-            team_id = await _take_async(conn, _TEAM_RESERVE_SQL, [tokens, key.team_id, start, tokens],
-                                        _TEAM_OPEN_SQL, [key.team_id, start, key.team_token_cap])
-            if team_id is not None:
-                return counter_id, team_id
-            verdict = "team"
-            raise psycopg.Rollback()  # the member's reservation goes too
-    return verdict
+    try:
+        async with conn.transaction():
+            counter_id = await _take_async(conn, _RESERVE_ASYNC, member_args, _OPEN_ASYNC, open_args)
+            if counter_id is None:
+                return "member"
+            team_id = await _take_async(conn, _TEAM_RESERVE_ASYNC, [tokens, key.team_id, start, tokens],
+                                        _TEAM_OPEN_ASYNC, [key.team_id, start, key.team_token_cap])
+            if team_id is None:
+                raise _NoRoom  # the member's reservation goes too
+            return counter_id, team_id
+    except _NoRoom:
+        return "team"
 
 
 def _full_counter(key: KeyInfo, start: date, verdict: str) -> QuotaCounter | TeamQuotaCounter:

@@ -1,27 +1,30 @@
 """Database access from the async gateway, never a hang.
 
 On PostgreSQL the two hot-path statements (reserve, settle) run on the event
-loop through a small psycopg async connection pool: no thread hop, server-side
+loop through a small asyncpg connection pool: no thread hop, server-side
 prepared statements. Everything else (key lookups on a cache miss, the routing
 table) is ORM code run in a worker thread (`run_db`); so is all of it on SQLite
 (embedded mode). A broken connection is dropped and the failing call becomes a
 503 that the OpenAI SDK retries.
 """
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-import psycopg
+import asyncpg
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
-from psycopg.conninfo import make_conninfo
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from proxy.errors import DATABASE_UNAVAILABLE, ApiError
 
 log = logging.getLogger("qwenhub.gateway")
 T = TypeVar("T")
+
+# What "PostgreSQL is not there (any more)" looks like to asyncpg: the connection is dropped.
+CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                     asyncpg.exceptions.OperatorInterventionError)
 
 
 class DatabaseUnavailable(ApiError):
@@ -47,42 +50,83 @@ async def run_db(fn: Callable[..., T], *args, **kwargs) -> T:
 
 
 class AsyncPostgres:
-    """A pool of autocommit psycopg connections to Django's default database."""
+    """A small pool of asyncpg connections to Django's default database.
+
+    Taking a free connection is a list pop behind a semaphore (no task, no timer),
+    which is most of why this is cheaper than a general-purpose pool: the hot path
+    runs two short statements per request and nothing else. Statements are
+    prepared once per connection (asyncpg's statement cache).
+    """
 
     def __init__(self) -> None:
         db = settings.DATABASES["default"]
         options = dict(db.get("OPTIONS") or {})
-        self.conninfo = make_conninfo(
-            dbname=db["NAME"], user=db.get("USER") or None, password=db.get("PASSWORD") or None,
-            host=db.get("HOST") or None, port=db.get("PORT") or None,
-            connect_timeout=options.get("connect_timeout", 3), application_name="qwenhub-gateway",
-        )
-        self.pool: AsyncConnectionPool | None = None
+        self.connect_kwargs = {
+            "host": db.get("HOST") or None, "port": int(db["PORT"]) if db.get("PORT") else None,
+            "user": db.get("USER") or None, "password": db.get("PASSWORD") or None, "database": db["NAME"],
+            "timeout": options.get("connect_timeout", 3), "ssl": options.get("sslmode"),
+            "server_settings": {"application_name": "qwenhub-gateway"},
+        }
+        self.size = settings.QWENHUB_DB_POOL_SIZE
+        self.free: list[asyncpg.Connection] = []
+        self._slots: asyncio.Semaphore | None = None
 
-    async def _pool(self) -> AsyncConnectionPool:
-        if self.pool is None:
-            self.pool = AsyncConnectionPool(
-                self.conninfo, min_size=1, max_size=settings.QWENHUB_DB_POOL_SIZE, open=False,
-                timeout=settings.QWENHUB_DB_POOL_TIMEOUT, kwargs={"autocommit": True},
-                name="qwenhub-gateway",
-            )
-            await self.pool.open(wait=False)
-        return self.pool
+    async def _acquire(self) -> asyncpg.Connection:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.size)
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(settings.QWENHUB_DB_POOL_TIMEOUT):
+                    await self._slots.acquire()
+            except TimeoutError:
+                log.warning("database unavailable: no pooled connection within %ss", settings.QWENHUB_DB_POOL_TIMEOUT)
+                raise DatabaseUnavailable() from None
+        else:
+            await self._slots.acquire()  # returns at once
+        while self.free:
+            conn = self.free.pop()
+            if not conn.is_closed():
+                return conn
+        try:
+            return await asyncpg.connect(**self.connect_kwargs)
+        except BaseException as exc:
+            self._slots.release()
+            if isinstance(exc, CONNECTION_ERRORS):
+                log.warning("database unavailable: %s", exc.__class__.__name__)
+                raise DatabaseUnavailable() from exc
+            raise
+
+    def _release(self, conn: asyncpg.Connection, broken: bool) -> None:
+        if broken or conn.is_closed():
+            conn.terminate()
+        else:
+            self.free.append(conn)
+        self._slots.release()
 
     async def run(self, fn, *args):
         """Run `await fn(conn, *args)` on a pooled connection; DatabaseUnavailable if PostgreSQL is not there."""
-        pool = await self._pool()
+        conn = await self._acquire()
+        broken = True
         try:
-            async with pool.connection() as conn:
-                return await fn(conn, *args)
-        except (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout) as exc:
+            result = await fn(conn, *args)
+            broken = False
+            return result
+        except CONNECTION_ERRORS as exc:
             log.warning("database unavailable: %s", exc.__class__.__name__)
             raise DatabaseUnavailable() from exc
+        except asyncpg.PostgresError:
+            broken = False  # the statement failed; the connection is fine
+            raise
+        finally:
+            self._release(conn, broken)
 
     async def close(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
-            self.pool = None
+        free, self.free = self.free, []
+        for conn in free:
+            try:
+                await asyncio.wait_for(conn.close(), 1)
+            except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+                conn.terminate()
 
 
 _postgres: AsyncPostgres | None = None
@@ -101,3 +145,9 @@ async def close_async_postgres() -> None:
     if _postgres is not None:
         await _postgres.close()
         _postgres = None
+
+
+def numbered(sql: str) -> str:
+    """The same SQL with asyncpg's placeholders: each `%s` in turn becomes $1, $2, ..."""
+    parts = sql.split("%s")
+    return "".join(f"{part}${i}" for i, part in enumerate(parts[:-1], 1)) + parts[-1]

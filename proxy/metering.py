@@ -11,7 +11,7 @@ from datetime import date, datetime
 from django.db import connection, transaction
 
 from billing.models import QuotaCounter, TeamQuotaCounter, UsageRecord
-from proxy.db import async_postgres, run_db
+from proxy.db import DatabaseUnavailable, async_postgres, numbered, run_db
 
 _USAGE = UsageRecord._meta.db_table
 _COUNTER = QuotaCounter._meta.db_table
@@ -113,6 +113,9 @@ def _postgres_statement(row: UsageRow, usage: Usage, counter_id: int | None, res
     return _SETTLE_PG_TEAM, [*values, reserved_tokens, usage.total_tokens, team_counter_id, *member_args]
 
 
+_ASYNC = {sql: numbered(sql) for sql in (_INSERT, _SETTLE_PG, _SETTLE_PG_TEAM)}
+
+
 def _settle(row: UsageRow, usage: Usage, counter_id: int | None, reserved_tokens: int,
             team_counter_id: int | None) -> None:
     with connection.cursor() as cursor:
@@ -129,7 +132,8 @@ def _settle(row: UsageRow, usage: Usage, counter_id: int | None, reserved_tokens
 
 
 async def _settle_async(conn, statement: tuple[str, list]) -> None:
-    await conn.execute(*statement)
+    sql, args = statement
+    await conn.execute(_ASYNC[sql], *args)
 
 
 async def settle(row: UsageRow, usage: Usage, counter_id: int | None = None, reserved_tokens: int = 0,
@@ -138,6 +142,11 @@ async def settle(row: UsageRow, usage: Usage, counter_id: int | None = None, res
     postgres = async_postgres()
     if postgres is not None:
         statement = _postgres_statement(row, usage, counter_id, reserved_tokens, team_counter_id)
-        await postgres.run(_settle_async, statement)
+        try:
+            await postgres.run(_settle_async, statement)
+        except DatabaseUnavailable:
+            # A pooled connection may have died with a PostgreSQL restart. Settling is
+            # idempotent (the usage row is unique by request id): once more, on a new one.
+            await postgres.run(_settle_async, statement)
     else:
         await run_db(_settle, row, usage, counter_id, reserved_tokens, team_counter_id)
