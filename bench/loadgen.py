@@ -67,6 +67,7 @@ async def run_load(
     method: str | None = None,
     timeout: float = 120.0,
     session: aiohttp.ClientSession | None = None,
+    stagger: float = 0.0,
 ) -> list[Record]:
     """Run a closed loop of ``concurrency`` workers and return per-request records.
 
@@ -74,7 +75,9 @@ async def run_load(
     either (for varied requests). ``stream`` means "read the response as SSE and
     require ``data: [DONE]``"; put ``"stream": true`` in the body yourself.
     Stops after ``total`` requests, or after ``duration`` seconds (requests already in
-    flight finish), whichever comes first; one of them is required.
+    flight finish), whichever comes first; one of them is required. ``stagger`` spreads
+    the workers' first requests over that many seconds (worker k starts after
+    k/concurrency of it) instead of sending them all at once.
     """
     if total is None and duration is None:
         raise ValueError("give total or duration")
@@ -125,8 +128,10 @@ async def run_load(
             return Record(i, start - t0, end - start, ttft, status, False, nbytes,
                           f"{type(exc).__name__}: {exc}")
 
-    async def worker() -> None:
+    async def worker(k: int) -> None:
         nonlocal counter
+        if stagger:
+            await asyncio.sleep(stagger * k / concurrency)
         while True:
             if total is not None and counter >= total:
                 return
@@ -137,7 +142,7 @@ async def run_load(
             records.append(await one(i))
 
     try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
     finally:
         if own:
             await session.close()

@@ -310,21 +310,25 @@ class Bench:
     # -- measurement --------------------------------------------------------------------------
     def measure(self, stats: RunStats, url: str, body: dict, *, stream: bool, concurrency: int,
                 timing: Timing, headers: dict[str, str] | None = None, gateway: GatewayProcess | None = None,
-                path: str = CHAT) -> None:
-        """One round: warm-up then a measured window on the same connections; adds to stats."""
+                path: str = CHAT, stagger: float = 0.0) -> None:
+        """One round: warm-up then a measured window on the same connections; adds to stats.
+
+        stagger > 0 starts the closed loops spread over that many seconds (worker k after
+        k/concurrency of it), in the warm-up and again in the measured window.
+        """
         if gateway is not None:
             self.ledger.begin(stats)
         cpu = gateway.cpu if gateway is not None else None
         try:
             records, wall, cpu_s, warm = _run(_warm_and_measure(url, path, body, headers, stream, concurrency,
-                                                                timing.warmup, timing.duration, cpu))
+                                                                timing.warmup, timing.duration, cpu, stagger))
         finally:
             if gateway is not None:
                 self.ledger.end()
         stats.add_round(records, wall, cpu_s, warm)
 
     def compare(self, scenario: str, row: str, group: str, body: dict, *, stream: bool, concurrency: int,
-                timing: Timing, gateway: str = "main", params: dict | None = None) -> Result:
+                timing: Timing, gateway: str = "main", params: dict | None = None, stagger: float = 0.0) -> Result:
         """Direct vs. gateway, ABBA over timing.rounds rounds, same body (model = the group's model)."""
         sim, gw = self.sims[group], self.gateways[gateway]
         direct, via = RunStats("direct"), RunStats("gateway")
@@ -332,13 +336,14 @@ class Bench:
             order = ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")
             for target in order:
                 if target == "direct":
-                    self.measure(direct, sim.root_url, body, stream=stream, concurrency=concurrency, timing=timing)
+                    self.measure(direct, sim.root_url, body, stream=stream, concurrency=concurrency, timing=timing,
+                                 stagger=stagger)
                 else:
                     self.measure(via, gw.url, body, stream=stream, concurrency=concurrency, timing=timing,
-                                 headers=self.auth(), gateway=gw)
+                                 headers=self.auth(), gateway=gw, stagger=stagger)
         result = Result(scenario, row, dict(params or {}, concurrency=concurrency, stream=stream,
                                             rounds=timing.rounds, warmup_s=timing.warmup,
-                                            duration_s=timing.duration),
+                                            duration_s=timing.duration, stagger_s=stagger),
                         direct=direct, gateway=via)
         _progress(result)
         return result
@@ -353,18 +358,18 @@ class Bench:
         return _run(go())
 
 
-async def _warm_and_measure(url, path, body, headers, stream, concurrency, warmup, duration, cpu):
+async def _warm_and_measure(url, path, body, headers, stream, concurrency, warmup, duration, cpu, stagger):
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120),
                                      skip_auto_headers=("User-Agent",)) as session:
         warm = []
         if warmup:
             warm = await run_load(url, path, body, headers=headers, concurrency=concurrency, duration=warmup,
-                                  stream=stream, session=session)
+                                  stream=stream, session=session, stagger=stagger)
         c0 = cpu() if cpu else None
         t0 = time.perf_counter()
         records = await run_load(url, path, body, headers=headers, concurrency=concurrency, duration=duration,
-                                 stream=stream, session=session)
+                                 stream=stream, session=session, stagger=stagger)
         wall = time.perf_counter() - t0
         cpu_s = cpu() - c0 if cpu else None
     return records, wall, cpu_s, len(warm)
