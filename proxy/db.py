@@ -23,8 +23,9 @@ log = logging.getLogger("qwenhub.gateway")
 T = TypeVar("T")
 
 # What "PostgreSQL is not there (any more)" looks like to asyncpg: the connection is dropped.
+# (A connection whose server went away while it was idle can also fail with InternalClientError.)
 CONNECTION_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-                     asyncpg.exceptions.OperatorInterventionError)
+                     asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InternalClientError)
 
 
 class DatabaseUnavailable(ApiError):

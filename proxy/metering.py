@@ -4,7 +4,14 @@ On PostgreSQL both happen in ONE statement: the INSERT of the usage row (unique
 request_id, ON CONFLICT DO NOTHING) feeds the counter UPDATE, so a retried
 settlement can neither double-charge nor leave a reservation behind. SQLite
 (embedded mode) runs the same two steps in one transaction.
+
+Settlements of one member's counter queue behind each other on its row lock
+anyway, so on PostgreSQL they are combined: while one member's settlement runs,
+the ones that arrive meanwhile wait and then go as ONE statement (all their usage
+rows, the counter moved by their sums). A lone request still takes one statement
+and waits for nobody; a burst of a member's requests takes a few.
 """
+import asyncio
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
@@ -37,6 +44,30 @@ _SETTLE_PG = f"WITH ins AS ({_INSERT} RETURNING 1) {_SETTLE} AND EXISTS (SELECT 
 _SETTLE_PG_TEAM = (
     f"WITH ins AS ({_INSERT} RETURNING 1), team AS ({_SETTLE_TEAM} AND EXISTS (SELECT 1 FROM ins)) "
     f"{_SETTLE} AND EXISTS (SELECT 1 FROM ins)"
+)
+
+# Many requests of one counter: the usage rows come as arrays (one per column, then the
+# reserved tokens and charged requests); only the rows actually inserted move the counters.
+_TYPES = ("text", "bigint", "bigint", "bigint", "date", "text", "text", "text", "bigint", "bigint", "bigint", "bigint",
+          "text", "integer", "boolean", "timestamptz", "double precision", "double precision", "bigint", "integer")
+_ROWS = (
+    "rows AS (SELECT * FROM unnest(" + ", ".join(f"%s::{t}[]" for t in _TYPES) + f") AS r({', '.join(_COLUMNS)}, "
+    "reserved, charged)), "
+    f"ins AS (INSERT INTO {_USAGE} ({', '.join(_COLUMNS)}) SELECT {', '.join(_COLUMNS)} FROM rows "
+    "ON CONFLICT (request_id) DO NOTHING RETURNING request_id), "
+    "d AS (SELECT count(*) AS n, sum(reserved)::bigint AS reserved, sum(charged)::bigint AS charged, "
+    "sum(total_tokens)::bigint AS used FROM rows JOIN ins USING (request_id))"
+)
+_SETTLE_MANY = f"""
+UPDATE {_COUNTER}
+   SET requests_reserved = requests_reserved - d.n, tokens_reserved = tokens_reserved - d.reserved,
+       requests_used = requests_used + d.charged, tokens_used = tokens_used + d.used
+  FROM d WHERE id = %s AND d.n > 0"""
+_SETTLE_MANY_PG = f"WITH {_ROWS} {_SETTLE_MANY}"
+_SETTLE_MANY_PG_TEAM = (
+    f"WITH {_ROWS}, team AS (UPDATE {TeamQuotaCounter._meta.db_table} "
+    "SET tokens_reserved = tokens_reserved - d.reserved, tokens_used = tokens_used + d.used "
+    f"FROM d WHERE id = %s AND d.n > 0) {_SETTLE_MANY}"
 )
 
 
@@ -113,7 +144,7 @@ def _postgres_statement(row: UsageRow, usage: Usage, counter_id: int | None, res
     return _SETTLE_PG_TEAM, [*values, reserved_tokens, usage.total_tokens, team_counter_id, *member_args]
 
 
-_ASYNC = {sql: numbered(sql) for sql in (_INSERT, _SETTLE_PG, _SETTLE_PG_TEAM)}
+_ASYNC = {sql: numbered(sql) for sql in (_INSERT, _SETTLE_PG, _SETTLE_PG_TEAM, _SETTLE_MANY_PG, _SETTLE_MANY_PG_TEAM)}
 
 
 def _settle(row: UsageRow, usage: Usage, counter_id: int | None, reserved_tokens: int,
@@ -131,22 +162,86 @@ def _settle(row: UsageRow, usage: Usage, counter_id: int | None, reserved_tokens
                     cursor.execute(_SETTLE_TEAM, [reserved_tokens, tokens, team_counter_id])
 
 
-async def _settle_async(conn, statement: tuple[str, list]) -> None:
-    sql, args = statement
+async def _execute(conn, sql: str, args: list) -> None:
     await conn.execute(_ASYNC[sql], *args)
+
+
+async def _run_settlement(postgres, sql: str, args: list) -> None:
+    try:
+        await postgres.run(_execute, sql, args)
+    except DatabaseUnavailable:
+        # A pooled connection may have died with a PostgreSQL restart. Settling is
+        # idempotent (the usage row is unique by request id): once more, on a new one.
+        await postgres.run(_execute, sql, args)
+
+
+# Counters with a settlement running: (counter id, team counter id) -> the settlements waiting for it.
+_waiting: dict[tuple[int, int | None], list[tuple[list, asyncio.Future]]] = {}
+_draining: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+
+async def _settle_counter(postgres, key: tuple[int, int | None], sql: str, args: list) -> None:
+    """Settle one request of a counter: at once if the counter is free, else in the next combined statement."""
+    queue = _waiting.get(key)
+    if queue is not None:
+        future = asyncio.get_running_loop().create_future()
+        queue.append((args, future))
+        return await future
+    _waiting[key] = []
+    try:
+        await _run_settlement(postgres, sql, args)
+    finally:
+        if _waiting[key]:
+            task = asyncio.ensure_future(_drain(postgres, key))
+            _draining.add(task)
+            task.add_done_callback(_draining.discard)
+        else:
+            del _waiting[key]
+
+
+async def _drain(postgres, key: tuple[int, int | None]) -> None:
+    """Settle what queued for a counter, all of it in one statement each time, until nothing is left."""
+    queue = _waiting[key]
+    counter_id, team_counter_id = key
+    try:
+        while queue:
+            batch = queue[:]
+            queue.clear()
+            # Each args list is one request's single statement: its row's values first, and last
+            # the member counter's (reserved tokens, charged requests, total tokens, counter id).
+            arrays = [[args[i] for args, _ in batch] for i in range(len(_COLUMNS))]
+            arrays += [[args[-4] for args, _ in batch], [args[-3] for args, _ in batch]]
+            if team_counter_id is None:
+                sql, tail = _SETTLE_MANY_PG, [counter_id]
+            else:
+                sql, tail = _SETTLE_MANY_PG_TEAM, [team_counter_id, counter_id]
+            try:
+                await _run_settlement(postgres, sql, [*arrays, *tail])
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.cancel() if isinstance(exc, asyncio.CancelledError) else future.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+            else:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_result(None)
+    finally:
+        del _waiting[key]
+        for _, future in queue:
+            future.cancel()
 
 
 async def settle(row: UsageRow, usage: Usage, counter_id: int | None = None, reserved_tokens: int = 0,
                  team_counter_id: int | None = None) -> None:
     """Write the request's usage row and, if it holds a reservation, release it and charge the real usage."""
     postgres = async_postgres()
-    if postgres is not None:
-        statement = _postgres_statement(row, usage, counter_id, reserved_tokens, team_counter_id)
-        try:
-            await postgres.run(_settle_async, statement)
-        except DatabaseUnavailable:
-            # A pooled connection may have died with a PostgreSQL restart. Settling is
-            # idempotent (the usage row is unique by request id): once more, on a new one.
-            await postgres.run(_settle_async, statement)
-    else:
+    if postgres is None:
         await run_db(_settle, row, usage, counter_id, reserved_tokens, team_counter_id)
+        return
+    sql, args = _postgres_statement(row, usage, counter_id, reserved_tokens, team_counter_id)
+    if counter_id is None:
+        await _run_settlement(postgres, sql, args)
+    else:
+        await _settle_counter(postgres, (counter_id, team_counter_id), sql, args)
