@@ -212,6 +212,15 @@ class GatewayProcess:
     def cpu(self) -> float:
         return cpu_seconds(self.pid)
 
+    def db_statements(self) -> float:
+        """The request-path database statements this gateway has counted (its /metrics, from loopback)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+                   if s.name == "qwenhub_db_statements_total")
+
     def log_tail(self, n: int = 2000) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-n:]

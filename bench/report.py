@@ -16,12 +16,16 @@ def print_report(results: list[Result], meta: dict) -> None:
     print(f"QwenHub gateway vs. direct upstream — {meta['machine']}, commit {meta['commit'] or '?'}"
           f"{' (QUICK)' if meta.get('quick') else ''}{' (INTERRUPTED)' if meta.get('interrupted') else ''}")
     print(f"  {meta['gateway']}; {meta['pinning']}")
+    if meta.get("yardstick_us"):
+        before, after = meta["yardstick_us"]
+        print(f"  machine speed: sum(range(1000)) took {before} µs in Python at the start, {after} µs at the end "
+              "(absolute CPU and latency figures scale with it)")
     print(f"  statements: {meta['statements_method']}")
     compared = [r for r in results if r.direct is not None and r.gateway is not None]
     if compared:
         head = (f"{'scenario / row':32s} {'target':8s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} {'TTFT50':>8s} "
                 f"{'TTFT99':>8s} {'CPU ms/req':>10s} {'x direct':>8s} {'+p50 ms':>8s} {'+p99 ms':>8s} "
-                f"{'+TTFT50':>8s} {'+TTFT99':>8s} {'stmt/req':>8s}")
+                f"{'+TTFT50':>8s} {'+TTFT99':>8s} {'stmt/req path/all':>17s}")
         print()
         print(head)
         print("-" * len(head))
@@ -36,7 +40,7 @@ def print_report(results: list[Result], meta: dict) -> None:
                     line += (f"{_f(stats.cpu_ms_per_request, '.3f', 10)} {_f(f.get('throughput_ratio'), '.3f')} "
                              f"{_f(f.get('added_p50_ms'))} {_f(f.get('added_p99_ms'))} "
                              f"{_f(f.get('added_ttft_p50_ms'))} {_f(f.get('added_ttft_p99_ms'))} "
-                             f"{_f(stats.statements_per_request, '.2f')}")
+                             f"{_f(stats.path_statements_per_request, '.2f', 12)}/{_f(stats.statements_per_request, '.2f', 4)}")
                 errors = stats.errors()
                 if errors:
                     line += f"  errors: {errors}"

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import timeit
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -49,6 +50,7 @@ class RunStats:
     warmup_requests: int = 0
     statements: int | None = None  # PostgreSQL transactions attributed to this target's windows
     statement_requests: int = 0  # requests sent in those windows (warm-up included)
+    path_statements: float | None = None  # the gateway's own count of request-path statements (its /metrics)
 
     def add_round(self, records: list[Record], wall: float, cpu: float | None, warmup: int) -> None:
         self.records += records
@@ -87,6 +89,12 @@ class RunStats:
             return None
         return self.statements / self.statement_requests
 
+    @property
+    def path_statements_per_request(self) -> float | None:
+        if self.path_statements is None or not self.statement_requests:
+            return None
+        return self.path_statements / self.statement_requests
+
     def errors(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for r in self.records:
@@ -104,6 +112,8 @@ class RunStats:
             "cpu_s": _r(self.cpu_s, 4), "cpu_ms_per_request": _r(self.cpu_ms_per_request, 4),
             "statements": self.statements, "statement_requests": self.statement_requests,
             "statements_per_request": _r(self.statements_per_request, 3),
+            "path_statements": self.path_statements,
+            "path_statements_per_request": _r(self.path_statements_per_request, 3),
             "warmup_requests": self.warmup_requests, "rounds": self.rounds,
         }
 
@@ -148,6 +158,7 @@ class Result:
         if g is not None:
             f["cpu_ms_per_request"] = g.cpu_ms_per_request
             f["statements_per_request"] = g.statements_per_request
+            f["path_statements_per_request"] = g.path_statements_per_request
         if d is not None and g is not None:
             f["throughput_ratio"] = g.rps / d.rps if d.rps and g.rps is not None else None
             for p in (50, 99):
@@ -318,6 +329,7 @@ class Bench:
         """
         if gateway is not None:
             self.ledger.begin(stats)
+            path_before = gateway.db_statements()
         cpu = gateway.cpu if gateway is not None else None
         try:
             records, wall, cpu_s, warm = _run(_warm_and_measure(url, path, body, headers, stream, concurrency,
@@ -325,6 +337,10 @@ class Bench:
         finally:
             if gateway is not None:
                 self.ledger.end()
+        if gateway is not None:
+            # Settlements finish just after the responses: give the last ones a moment.
+            time.sleep(0.2)
+            stats.path_statements = (stats.path_statements or 0) + gateway.db_statements() - path_before
         stats.add_round(records, wall, cpu_s, warm)
 
     def compare(self, scenario: str, row: str, group: str, body: dict, *, stream: bool, concurrency: int,
@@ -434,7 +450,15 @@ def _commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def _meta(args, pinning: Pinning, started: float, commit: str) -> dict:
+def yardstick_us() -> float:
+    """This machine's single-core Python speed: µs per `sum(range(1000))`, best of 5 (lower is faster).
+
+    Absolute figures (ms of CPU, added ms) scale with it; compare runs on different machines by it.
+    """
+    return round(min(timeit.repeat("sum(range(1000))", number=2000, repeat=5)) / 2000 * 1e6, 1)
+
+
+def _meta(args, pinning: Pinning, started: float, commit: str, yardstick_before: float) -> dict:
     cpu_model = ""
     try:
         cpu_model = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
@@ -444,10 +468,12 @@ def _meta(args, pinning: Pinning, started: float, commit: str) -> dict:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "elapsed_s": round(time.time() - started, 1), "commit": commit, "quick": args.quick,
         "machine": f"{cpu_model or platform.machine()}, {os.cpu_count()} CPUs", "python": platform.python_version(),
+        "yardstick_us": [yardstick_before, yardstick_us()],  # at the start and at the end of the run
         "pinning": pinning.describe(),
         "gateway": "1 uvicorn process (uvloop, httptools), DEBUG=false, LOG_LEVEL=WARNING, PostgreSQL + Redis",
         "statements_method": (
-            "pg_stat_database xact_commit+xact_rollback delta of qwenhub_bench over each gateway window "
+            "request path = the gateway's own count (qwenhub_db_statements_total: reservations and "
+            "settlements) over each gateway window; all = pg_stat_database xact_commit+xact_rollback delta of qwenhub_bench over each gateway window "
             "(warm-up included; autocommit: 1 statement = 1 transaction), read after "
             f"{args.settle:g} s of gateway idleness" + ("" if args.settle >= 10.5 else " — APPROXIMATE (stats flush lag)")
         ),
@@ -471,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_term)
 
     started = time.time()
+    yardstick_before = yardstick_us()
     commit = _commit()
     pinning = Pinning.choose(args.pin)
     pinning.pin_self()
@@ -521,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001
             pass
     if results:
-        meta = _meta(args, pinning, started, commit)
+        meta = _meta(args, pinning, started, commit, yardstick_before)
         meta["statement_settle_wait_s"] = round(ledger.waited, 1) if ledger else None
         if code:
             meta["interrupted"] = True

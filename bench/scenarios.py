@@ -25,7 +25,7 @@ GPU = sim_group("gpu", "--ttft-ms", "100", "--itl-ms", "20", "--max-num-seqs", "
 FAIR = sim_group("fair", "--ttft-ms", "100", "--itl-ms", "20", "--max-num-seqs", "8", "--jitter", "0.2",
                  "--seed", "7", max_concurrency=8)
 
-STATEMENTS = Target("PostgreSQL statements per request", "statements_per_request", "<=", 2)
+STATEMENTS = Target("PostgreSQL statements per request (request path)", "path_statements_per_request", "<=", 2)
 
 
 @scenario("overhead", sims=("instant",),

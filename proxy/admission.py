@@ -20,6 +20,7 @@ from billing.periods import period_reset_at, period_start_for
 from proxy.db import async_postgres, numbered, run_db
 from proxy.errors import ApiError
 from proxy.keys import KeyInfo
+from proxy.observability import RESERVE_STATEMENTS
 
 QUOTA_REQUESTS_EXHAUSTED = (
     "You have used all {limit} requests of your monthly quota. It resets at {reset} ({tz}). "
@@ -77,12 +78,14 @@ class QuotaExceeded(ApiError):
 
 def _take(cursor, reserve_sql: str, reserve_args: list, open_sql: str, open_args: list) -> int | None:
     """Run a conditional reservation UPDATE, opening the period's row first if it is missing."""
+    RESERVE_STATEMENTS.inc()
     cursor.execute(reserve_sql, reserve_args)
     row = cursor.fetchone()
     if row:
         return row[0]
     # No row: either the first request of the period, or no room left.
     # (A concurrent first request may have opened it already: retry either way.)
+    RESERVE_STATEMENTS.inc(2)
     cursor.execute(open_sql, open_args)
     cursor.execute(reserve_sql, reserve_args)
     row = cursor.fetchone()
@@ -124,9 +127,11 @@ class _NoRoom(Exception):
 
 async def _take_async(conn, reserve_sql: str, reserve_args: list, open_sql: str, open_args: list) -> int | None:
     """_take on an asyncpg connection."""
+    RESERVE_STATEMENTS.inc()
     counter_id = await conn.fetchval(reserve_sql, *reserve_args)
     if counter_id is not None:
         return counter_id
+    RESERVE_STATEMENTS.inc(2)
     await conn.execute(open_sql, *open_args)
     return await conn.fetchval(reserve_sql, *reserve_args)
 
@@ -138,6 +143,7 @@ async def _reserve_async(conn, key: KeyInfo, start: date, tokens: int) -> tuple[
     if key.team_token_cap is None:
         counter_id = await _take_async(conn, _RESERVE_ASYNC, member_args, _OPEN_ASYNC, open_args)
         return (counter_id, None) if counter_id is not None else "member"
+    RESERVE_STATEMENTS.inc(2)  # BEGIN, COMMIT/ROLLBACK
     try:
         async with conn.transaction():
             counter_id = await _take_async(conn, _RESERVE_ASYNC, member_args, _OPEN_ASYNC, open_args)

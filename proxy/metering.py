@@ -19,6 +19,7 @@ from django.db import connection, transaction
 
 from billing.models import QuotaCounter, TeamQuotaCounter, UsageRecord
 from proxy.db import DatabaseUnavailable, async_postgres, numbered, run_db
+from proxy.observability import SETTLE_STATEMENTS
 
 _USAGE = UsageRecord._meta.db_table
 _COUNTER = QuotaCounter._meta.db_table
@@ -151,11 +152,14 @@ def _settle(row: UsageRow, usage: Usage, counter_id: int | None, reserved_tokens
             team_counter_id: int | None) -> None:
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql" or counter_id is None:
+            SETTLE_STATEMENTS.inc()
             cursor.execute(*_postgres_statement(row, usage, counter_id, reserved_tokens, team_counter_id))
             return
         with transaction.atomic():  # SQLite: no data-modifying CTEs, so two steps in one transaction
+            SETTLE_STATEMENTS.inc()
             cursor.execute(_INSERT, row.values(usage))
             if cursor.rowcount == 1:
+                SETTLE_STATEMENTS.inc(1 if team_counter_id is None else 2)
                 tokens = usage.total_tokens
                 cursor.execute(_SETTLE, [reserved_tokens, _charged_requests(row, usage), tokens, counter_id])
                 if team_counter_id is not None:
@@ -163,6 +167,7 @@ def _settle(row: UsageRow, usage: Usage, counter_id: int | None, reserved_tokens
 
 
 async def _execute(conn, sql: str, args: list) -> None:
+    SETTLE_STATEMENTS.inc()
     await conn.execute(_ASYNC[sql], *args)
 
 

@@ -26,6 +26,9 @@ LATENCY = Histogram("qwenhub_request_duration_seconds", "Whole request duration"
                     buckets=_LATENCY_BUCKETS, **registry_args)
 TTFT = Histogram("qwenhub_time_to_first_token_seconds", "Time to the first byte of the answer", ["model"],
                  buckets=_LATENCY_BUCKETS, **registry_args)
+DB_STATEMENTS = Counter("qwenhub_db_statements", "Database statements run for requests (quota reservations, "
+                        "settlements; one combined settlement counts once)", ["kind"], **registry_args)
+RESERVE_STATEMENTS, SETTLE_STATEMENTS = DB_STATEMENTS.labels("reserve"), DB_STATEMENTS.labels("settle")
 OVERHEAD = Histogram("qwenhub_gateway_overhead_seconds", "Time spent in the gateway, not waiting on upstreams",
                      buckets=_OVERHEAD_BUCKETS, **registry_args)
 

@@ -361,6 +361,25 @@ def test_metrics_endpoint(world):
     assert world.key not in text
 
 
+def _statements(world) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(world.gateway.url + "/metrics", timeout=5).text
+    return {s.labels["kind"]: s.value for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == "qwenhub_db_statements_total"}
+
+
+def test_metrics_count_the_database_statements_of_requests(world):
+    """Two statements per request (reserve, settle); the member's first request also opens its month's counter."""
+    before = _statements(world)
+    for _ in range(3):
+        world.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2)
+    assert len(rows_for(world.member, 3)) == 3
+    assert wait_for(lambda: _statements(world).get("settle", 0) - before.get("settle", 0) == 3)
+    after = _statements(world)
+    assert after["reserve"] - before.get("reserve", 0) == 3 + 1 + 1  # UPDATE, INSERT, UPDATE; then UPDATE each
+
+
 def test_metrics_need_the_token_when_one_is_set(transactional_db, tmp_path):
     from proxy.tests.conftest import GatewayProcess
 
