@@ -15,12 +15,13 @@ MESSAGES = [{"role": "user", "content": "Say hi."}]
 APP = "qwenhub-gateway"
 
 
-def _kill_gateway_connections() -> int:
-    """Terminate every hot-path pool connection to the test database, as a PostgreSQL restart would."""
+def _kill_gateway_connections(pid: int | None = None) -> int:
+    """Terminate hot-path pool connections to the test database (all, or one backend), as a restart would."""
     with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as admin:
         return admin.execute(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s "
-            "AND datname = %s", [APP, connection.settings_dict["NAME"]]).fetchone()[0]
+            "AND datname = %s AND (%s::int IS NULL OR pid = %s::int)",
+            [APP, connection.settings_dict["NAME"], pid, pid]).fetchone()[0]
 
 
 def test_numbered_placeholders():
@@ -41,7 +42,7 @@ def test_pool_reuses_connections_and_replaces_a_dead_one():
             first = pg.free[-1]
             assert await pg.run(_select, 2) == 3
             assert pg.free == [first]  # one connection, reused
-            assert await asyncio.to_thread(_kill_gateway_connections) == 1
+            assert await asyncio.to_thread(_kill_gateway_connections, first.get_server_pid()) == 1
             # The dead connection is noticed (closed: dropped before use) or fails its statement (503);
             # either way the one after that runs on a new connection.
             try:
