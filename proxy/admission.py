@@ -3,7 +3,9 @@
 One conditional UPDATE reserves 1 request and the request's worst case in tokens
 (prompt bound + max_tokens × n). Zero rows updated means "over quota", so
 concurrent requests can never push a member past a limit, across any number of
-gateway processes. Settlement (proxy.metering) later moves the reservation into
+gateway processes. A member's requests that arrive while one of theirs is being
+reserved are reserved together in the next UPDATE if all of them fit (one by one
+in arrival order if not). Settlement (proxy.metering) later moves the reservation into
 `used` with the real token counts.
 
 Near the limit a request is admitted only if its worst case fits in what is
@@ -17,7 +19,7 @@ from django.db import connection, transaction
 
 from billing.models import QuotaCounter, TeamQuotaCounter
 from billing.periods import period_reset_at, period_start_for
-from proxy.db import async_postgres, numbered, run_db
+from proxy.db import Combiner, async_postgres, numbered, run_db
 from proxy.errors import ApiError
 from proxy.keys import KeyInfo
 from proxy.observability import RESERVE_STATEMENTS
@@ -41,6 +43,14 @@ UPDATE {_COUNTER}
    SET requests_reserved = requests_reserved + 1, tokens_reserved = tokens_reserved + %s
  WHERE member_id = %s AND period_start = %s
    AND (request_limit IS NULL OR requests_used + requests_reserved + 1 <= request_limit)
+   AND (token_limit IS NULL OR tokens_used + tokens_reserved + %s <= token_limit)
+RETURNING id"""
+# The same for n requests of one member at once (combined: see proxy.db.Combiner).
+_RESERVE_MANY_SQL = f"""
+UPDATE {_COUNTER}
+   SET requests_reserved = requests_reserved + %s, tokens_reserved = tokens_reserved + %s
+ WHERE member_id = %s AND period_start = %s
+   AND (request_limit IS NULL OR requests_used + requests_reserved + %s <= request_limit)
    AND (token_limit IS NULL OR tokens_used + tokens_reserved + %s <= token_limit)
 RETURNING id"""
 _OPEN_SQL = f"""
@@ -118,6 +128,7 @@ def _reserve(key: KeyInfo, start: date, tokens: int) -> tuple[int, int | None] |
 
 
 _RESERVE_ASYNC, _OPEN_ASYNC = numbered(_RESERVE_SQL), numbered(_OPEN_SQL)
+_RESERVE_MANY_ASYNC = numbered(_RESERVE_MANY_SQL)
 _TEAM_RESERVE_ASYNC, _TEAM_OPEN_ASYNC = numbered(_TEAM_RESERVE_SQL), numbered(_TEAM_OPEN_SQL)
 
 
@@ -158,6 +169,31 @@ async def _reserve_async(conn, key: KeyInfo, start: date, tokens: int) -> tuple[
         return "team"
 
 
+def _reserve_one(counter: tuple[int, date], item: tuple[KeyInfo, int]):
+    key, tokens = item
+    return async_postgres().run(_reserve_async, key, counter[1], tokens)
+
+
+async def _reserve_many_async(conn, member_id: int, start: date, count: int, tokens: int) -> int | None:
+    RESERVE_STATEMENTS.inc()
+    return await conn.fetchval(_RESERVE_MANY_ASYNC, count, tokens, member_id, start, count, tokens)
+
+
+async def _reserve_many(counter: tuple[int, date], items: list[tuple[KeyInfo, int]]) -> list:
+    """Reserve a member's queued requests together if they all fit, else one by one in arrival order."""
+    member_id, start = counter
+    postgres = async_postgres()
+    counter_id = await postgres.run(_reserve_many_async, member_id, start, len(items),
+                                    sum(tokens for _, tokens in items))
+    if counter_id is not None:
+        return [(counter_id, None)] * len(items)
+    return [await postgres.run(_reserve_async, key, start, tokens) for key, tokens in items]
+
+
+# Reservations of members without a team cap, by (member id, period start).
+_reservations = Combiner(_reserve_one, _reserve_many)
+
+
 def _full_counter(key: KeyInfo, start: date, verdict: str) -> QuotaCounter | TeamQuotaCounter:
     if verdict == "team":
         return TeamQuotaCounter.objects.get(team_id=key.team_id, period_start=start)
@@ -169,7 +205,10 @@ async def reserve(key: KeyInfo, tokens: int) -> Reservation:
     start = period_start_for(key.team_timezone)
     postgres = async_postgres()
     if postgres is not None:
-        result = await postgres.run(_reserve_async, key, start, tokens)
+        if key.team_token_cap is None:
+            result = await _reservations.submit((key.member_id, start), (key, tokens))
+        else:
+            result = await postgres.run(_reserve_async, key, start, tokens)
         if isinstance(result, str):
             result = await run_db(_full_counter, key, start, result)
     else:

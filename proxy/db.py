@@ -152,3 +152,60 @@ def numbered(sql: str) -> str:
     """The same SQL with asyncpg's placeholders: each `%s` in turn becomes $1, $2, ..."""
     parts = sql.split("%s")
     return "".join(f"{part}${i}" for i, part in enumerate(parts[:-1], 1)) + parts[-1]
+
+
+class Combiner:
+    """One statement at a time per key (a counter row); what arrives meanwhile goes together in the next one.
+
+    Statements on one counter row queue on its row lock in PostgreSQL anyway; combining
+    them turns a burst of N into a few statements and leaves the pool's other
+    connections free. A lone call never waits: `single(key, item)` runs at once. Calls
+    that find their key busy wait, and are then handed together to `many(key, items)`,
+    which returns one result per item. An exception fails every call of its statement.
+    """
+
+    def __init__(self, single, many) -> None:
+        self.single, self.many = single, many
+        self.waiting: dict = {}  # key -> [(item, future)] of the calls waiting for the key's statement
+        self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+
+    async def submit(self, key, item):
+        queue = self.waiting.get(key)
+        if queue is not None:
+            future = asyncio.get_running_loop().create_future()
+            queue.append((item, future))
+            return await future
+        self.waiting[key] = []
+        try:
+            return await self.single(key, item)
+        finally:
+            if self.waiting[key]:
+                task = asyncio.ensure_future(self._drain(key))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            else:
+                del self.waiting[key]
+
+    async def _drain(self, key) -> None:
+        queue = self.waiting[key]
+        try:
+            while queue:
+                batch = queue[:]
+                queue.clear()
+                try:
+                    results = await self.many(key, [item for item, _ in batch])
+                except BaseException as exc:
+                    cancelled = isinstance(exc, asyncio.CancelledError)
+                    for _, future in batch:
+                        if not future.done():
+                            future.cancel() if cancelled else future.set_exception(exc)
+                    if cancelled:
+                        raise
+                else:
+                    for (_, future), result in zip(batch, results, strict=True):
+                        if not future.done():
+                            future.set_result(result)
+        finally:
+            del self.waiting[key]
+            for _, future in queue:
+                future.cancel()

@@ -11,14 +11,14 @@ the ones that arrive meanwhile wait and then go as ONE statement (all their usag
 rows, the counter moved by their sums). A lone request still takes one statement
 and waits for nobody; a burst of a member's requests takes a few.
 """
-import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import date, datetime
 
 from django.db import connection, transaction
 
 from billing.models import QuotaCounter, TeamQuotaCounter, UsageRecord
-from proxy.db import DatabaseUnavailable, async_postgres, numbered, run_db
+from proxy.db import Combiner, DatabaseUnavailable, async_postgres, numbered, run_db
 from proxy.observability import SETTLE_STATEMENTS
 
 _USAGE = UsageRecord._meta.db_table
@@ -180,62 +180,28 @@ async def _run_settlement(postgres, sql: str, args: list) -> None:
         await postgres.run(_execute, sql, args)
 
 
-# Counters with a settlement running: (counter id, team counter id) -> the settlements waiting for it.
-_waiting: dict[tuple[int, int | None], list[tuple[list, asyncio.Future]]] = {}
-_draining: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
+def _settle_one(key: tuple[int, int | None], statement: tuple[str, list]) -> Awaitable[None]:
+    return _run_settlement(async_postgres(), *statement)
 
 
-async def _settle_counter(postgres, key: tuple[int, int | None], sql: str, args: list) -> None:
-    """Settle one request of a counter: at once if the counter is free, else in the next combined statement."""
-    queue = _waiting.get(key)
-    if queue is not None:
-        future = asyncio.get_running_loop().create_future()
-        queue.append((args, future))
-        return await future
-    _waiting[key] = []
-    try:
-        await _run_settlement(postgres, sql, args)
-    finally:
-        if _waiting[key]:
-            task = asyncio.ensure_future(_drain(postgres, key))
-            _draining.add(task)
-            task.add_done_callback(_draining.discard)
-        else:
-            del _waiting[key]
-
-
-async def _drain(postgres, key: tuple[int, int | None]) -> None:
-    """Settle what queued for a counter, all of it in one statement each time, until nothing is left."""
-    queue = _waiting[key]
+async def _settle_many(key: tuple[int, int | None], statements: list[tuple[str, list]]) -> list[None]:
+    """Settle a counter's queued requests in one statement."""
     counter_id, team_counter_id = key
-    try:
-        while queue:
-            batch = queue[:]
-            queue.clear()
-            # Each args list is one request's single statement: its row's values first, and last
-            # the member counter's (reserved tokens, charged requests, total tokens, counter id).
-            arrays = [[args[i] for args, _ in batch] for i in range(len(_COLUMNS))]
-            arrays += [[args[-4] for args, _ in batch], [args[-3] for args, _ in batch]]
-            if team_counter_id is None:
-                sql, tail = _SETTLE_MANY_PG, [counter_id]
-            else:
-                sql, tail = _SETTLE_MANY_PG_TEAM, [team_counter_id, counter_id]
-            try:
-                await _run_settlement(postgres, sql, [*arrays, *tail])
-            except BaseException as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.cancel() if isinstance(exc, asyncio.CancelledError) else future.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-            else:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_result(None)
-    finally:
-        del _waiting[key]
-        for _, future in queue:
-            future.cancel()
+    # Each args list is one request's single statement: its row's values first, and last
+    # the member counter's (reserved tokens, charged requests, total tokens, counter id).
+    batch = [args for _, args in statements]
+    arrays = [[args[i] for args in batch] for i in range(len(_COLUMNS))]
+    arrays += [[args[-4] for args in batch], [args[-3] for args in batch]]
+    if team_counter_id is None:
+        sql, tail = _SETTLE_MANY_PG, [counter_id]
+    else:
+        sql, tail = _SETTLE_MANY_PG_TEAM, [team_counter_id, counter_id]
+    await _run_settlement(async_postgres(), sql, [*arrays, *tail])
+    return [None] * len(batch)
+
+
+# Settlements by (counter id, team counter id).
+_settlements = Combiner(_settle_one, _settle_many)
 
 
 async def settle(row: UsageRow, usage: Usage, counter_id: int | None = None, reserved_tokens: int = 0,
@@ -245,8 +211,8 @@ async def settle(row: UsageRow, usage: Usage, counter_id: int | None = None, res
     if postgres is None:
         await run_db(_settle, row, usage, counter_id, reserved_tokens, team_counter_id)
         return
-    sql, args = _postgres_statement(row, usage, counter_id, reserved_tokens, team_counter_id)
+    statement = _postgres_statement(row, usage, counter_id, reserved_tokens, team_counter_id)
     if counter_id is None:
-        await _run_settlement(postgres, sql, args)
+        await _run_settlement(postgres, *statement)
     else:
-        await _settle_counter(postgres, (counter_id, team_counter_id), sql, args)
+        await _settlements.submit((counter_id, team_counter_id), statement)

@@ -62,7 +62,7 @@ def _settle_all(raw: str, n: int, twice: bool = False, statuses=None) -> Stateme
                 for _ in range(2 if twice else 1):
                     await asyncio.gather(*(
                         settle(row, usage, r.counter_id, r.tokens, r.team_counter_id) for row, usage, r in jobs))
-            assert not metering._waiting
+            assert not metering._settlements.waiting
         finally:
             await close_async_postgres()
 
@@ -123,7 +123,7 @@ def test_a_failed_combined_statement_fails_every_settlement_in_it_and_leaves_not
                 results = await asyncio.gather(*(
                     settle(_row(key, r, i), Usage(prompt_tokens=1, completion_tokens=1), r.counter_id, r.tokens)
                     for i, r in enumerate(reservations)), return_exceptions=True)
-            assert not metering._waiting
+            assert not metering._settlements.waiting
             return results
         finally:
             await close_async_postgres()

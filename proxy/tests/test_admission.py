@@ -1,0 +1,69 @@
+"""Reservations on PostgreSQL: a member's concurrent reservations are combined, and the quota still holds exactly."""
+import asyncio
+from unittest import mock
+
+import pytest
+
+from billing.models import QuotaCounter
+from proxy import admission
+from proxy.admission import QuotaExceeded, reserve
+from proxy.db import close_async_postgres
+from proxy.keys import authenticate, forget_all
+from tenants.services import api_key_issue, member_add, team_create
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def _reserve_concurrently(n: int, tokens: int, **quota) -> tuple[list, list[str]]:
+    team = team_create(slug="lab", name="Lab")
+    member = member_add(team=team, username="ada", **quota)
+    _, raw = api_key_issue(member=member)
+    forget_all()
+    statements = []
+    real_single, real_many = admission._reserve_async, admission._reserve_many_async
+
+    async def single(conn, *args):
+        statements.append("one")
+        await asyncio.sleep(0.01)  # a slow commit: the others queue meanwhile
+        return await real_single(conn, *args)
+
+    async def many(conn, *args):
+        statements.append("many")
+        return await real_many(conn, *args)
+
+    async def run():
+        try:
+            key = await authenticate(raw)
+            with mock.patch.object(admission, "_reserve_async", single), \
+                    mock.patch.object(admission, "_reserve_many_async", many):
+                results = await asyncio.gather(*(reserve(key, tokens) for _ in range(n)), return_exceptions=True)
+            assert not admission._reservations.waiting
+            return results
+        finally:
+            await close_async_postgres()
+
+    return asyncio.run(run()), statements
+
+
+def test_concurrent_reservations_of_a_member_are_combined():
+    results, statements = _reserve_concurrently(20, 100, token_quota=1_000_000)
+    assert all(r.counter_id == results[0].counter_id and r.tokens == 100 for r in results)
+    assert statements[0] == "one" and "many" in statements and len(statements) < 10
+    counter = QuotaCounter.objects.get()
+    assert (counter.requests_reserved, counter.tokens_reserved) == (20, 2000)
+
+
+def test_combined_reservations_that_do_not_all_fit_are_admitted_one_by_one_up_to_the_quota():
+    results, statements = _reserve_concurrently(20, 100, token_quota=1000)
+    admitted = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, QuotaExceeded)]
+    assert (len(admitted), len(refused)) == (10, 10)
+    assert "many" in statements  # tried together first
+    counter = QuotaCounter.objects.get()
+    assert (counter.requests_reserved, counter.tokens_reserved, counter.tokens_used) == (10, 1000, 0)
+
+
+def test_request_quota_holds_under_combined_reservations():
+    results, _ = _reserve_concurrently(12, 10, request_quota=5)
+    assert sum(not isinstance(r, BaseException) for r in results) == 5
+    assert QuotaCounter.objects.get().requests_reserved == 5
