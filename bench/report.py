@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.runner import Result
+from bench.figures import Result
 
 
 def _f(x, fmt: str = ".2f", width: int = 8) -> str:

@@ -14,7 +14,8 @@ import time
 import aiohttp
 
 from bench.loadgen import percentile, run_load
-from bench.runner import CHAT, Bench, Result, Target, _run, chat_body, scenario, sim_group
+from bench.figures import Result, Target
+from bench.runner import CHAT, Bench, _run, chat_body, scenario, sim_group
 from proxy.simulator.testing import parse_metrics
 
 INSTANT = sim_group("instant", "--max-num-seqs", "256", max_concurrency=256)
