@@ -99,7 +99,7 @@ class Bench:
         """Warm-up / duration / rounds for a kind of scenario ("fast": instant upstream, "paced": GPU-like)."""
         a = self.args
         if kind == "paced":
-            t = Timing(1.5, 4.0, 1) if a.quick else Timing(3.0, 8.0, 2)
+            t = Timing(1.5, 4.0, 1) if a.quick else Timing(3.0, 7.0, 2)
         else:
             t = Timing(0.5, 2.0, 1) if a.quick else Timing(1.0, 5.0, 2)
         if a.duration:

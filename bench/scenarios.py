@@ -103,7 +103,7 @@ FAIR_TOKENS = 32
 def fairness(b: Bench) -> list[Result]:
     sim = b.sims["fair"]
     n_b = 8 if b.quick else 20
-    cap = 12.0 if b.quick else 45.0  # B's flooded sequence stops early past this (FIFO: ~10 s per request)
+    cap = 12.0 if b.quick else 30.0  # B's flooded sequence stops early past this (FIFO: ~10 s per request)
     body = chat_body(FAIR.model, FAIR_TOKENS, False)
     results = []
     for mode in ("on", "off"):
