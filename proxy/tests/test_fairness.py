@@ -432,7 +432,7 @@ def count_scripts(q: FairQueue) -> dict:
 
 
 def test_fast_path_makes_no_redis_call_below_the_threshold(r, monkeypatch):
-    import proxy.fairness as fairness
+    import proxy.fairness.queue as fairness
 
     monkeypatch.setattr(fairness, "FRESH", 5.0)  # no view refresh within this test
     monkeypatch.setattr(fairness, "LINGER", 5.0)
@@ -459,7 +459,7 @@ def test_fast_path_makes_no_redis_call_below_the_threshold(r, monkeypatch):
 
 
 def test_fast_path_refreshes_its_view_and_gives_idle_slots_back(r, monkeypatch):
-    import proxy.fairness as fairness
+    import proxy.fairness.queue as fairness
 
     monkeypatch.setattr(fairness, "LINGER", 0.2)
 
