@@ -1,14 +1,12 @@
-"""The OpenAI-compatible /v1 gateway: a lean ASGI app in front of vLLM.
+"""The ASGI application for /v1: ``Gateway`` routes a request and drives it from key to settlement.
 
-qwenhub.asgi sends every /v1 request here; everything else goes to Django.
-The request path (../DESIGN.md): authenticate (cached) → validate → route →
-reserve quota (1 statement) → forward with a pooled aiohttp session, streaming
-bytes as they arrive → settle (1 statement), whatever happened. Nothing on this
-path goes through Django's middleware or its sync machinery.
+It authenticates, validates the body, picks an upstream and waits for a fair-queue slot,
+reserves quota, forwards (plainly or as a stream, see ``relay.py``) and settles usage and rate
+limits whatever happened; ``/v1/models`` and ``/metrics`` are answered here too. The request
+itself is an ``Exchange`` (``exchange.py``).
 """
 import asyncio
 import logging
-import secrets
 import time
 
 import aiohttp
@@ -24,6 +22,8 @@ from proxy.admission import reserve
 from proxy.db import close_async_postgres
 from proxy.errors import ApiError, invalid_request
 from proxy.fairness import FairQueue, QueueTimeout
+from proxy.gateway.exchange import JSON_HEADERS, ClientGone, Exchange
+from proxy.gateway.relay import DONE, SSE_HEADERS, _StreamRelay, _error_event
 from proxy.keys import KeyInfo, authenticate, extract_key
 from proxy.limits import RateLimiter
 from proxy.metering import Usage, UsageRow, settle
@@ -38,87 +38,9 @@ ENDPOINTS = {
     "/v1/embeddings": "embeddings",
 }
 REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
-OVERHEAD_HEADER = b"x-qwenhub-overhead-ms"
-SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
-JSON_HEADERS = [(b"content-type", b"application/json")]
-DONE = b"data: [DONE]\n\n"
 # A prompt token is at least one byte of the request body, whose JSON syntax
 # also outweighs the chat template's tokens; this covers what is left over.
 PROMPT_BOUND_SLACK = 64
-
-
-class ClientGone(Exception):
-    """The client closed the connection."""
-
-
-class Exchange:
-    """One /v1 request as the gateway handles it."""
-
-    __slots__ = ("scope", "receive", "send", "request_id", "t0", "upstream_wait", "headers_sent", "out_headers",
-                 "gone", "complete")
-
-    def __init__(self, scope, receive, send) -> None:
-        self.scope, self.receive, self.send = scope, receive, send
-        self.request_id = "req_" + secrets.token_hex(16)
-        self.t0 = time.perf_counter()
-        self.upstream_wait = 0.0  # seconds spent waiting on the upstream
-        self.headers_sent = False
-        self.out_headers: list[tuple[bytes, bytes]] = []
-        self.gone = False  # the client disconnected before the response was complete
-        self.complete = False  # the last byte of the response was handed to the server
-
-    async def watch_disconnect(self, task: asyncio.Task) -> None:
-        """Cancel task when the client goes away, so the upstream request is dropped at once."""
-        while (await self.receive())["type"] != "http.disconnect":
-            pass
-        if not self.complete:
-            self.gone = True
-            task.cancel()
-
-    async def body(self, data: bytes, more: bool) -> None:
-        if not more:
-            self.complete = True
-        try:
-            await self.send({"type": "http.response.body", "body": data, "more_body": more})
-        except OSError:
-            self.gone = True
-            raise ClientGone() from None
-
-    def elapsed_ms(self) -> float:
-        return (time.perf_counter() - self.t0) * 1000
-
-    def overhead_ms(self) -> float:
-        return self.elapsed_ms() - self.upstream_wait * 1000
-
-    async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-        headers = headers + self.out_headers + [
-            (b"x-request-id", self.request_id.encode()),
-            (OVERHEAD_HEADER, f"{self.overhead_ms():.2f}".encode()),
-        ]
-        self.headers_sent = True
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
-
-    async def respond(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = JSON_HEADERS) -> None:
-        await self.start(status, headers)
-        await self.body(body, False)
-
-    async def read_body(self, limit: int) -> bytes:
-        chunks, size = [], 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise invalid_request(errors.BODY_TOO_LARGE.format(limit=limit), code="request_too_large", status=413)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 
 
 class Gateway:
@@ -474,87 +396,3 @@ class Gateway:
             await ex.body(b"", False)
         finally:
             await self._close(upstream, slot, response, reuse=relay is not None and relay.done)
-
-
-def _error_event(route: Route) -> bytes:
-    body = errors.error_body(errors.UPSTREAM_STREAM_BROKEN.format(model=route.public_name), "upstream_error", code=502)
-    return b"data: " + body + b"\n\n"
-
-
-class _StreamRelay:
-    """Re-frames an upstream SSE stream for the client, collecting usage on the way.
-
-    The gateway always asks vLLM for include_usage + continuous_usage_stats; the
-    client gets exactly what vLLM would have sent for its own stream_options: the
-    per-chunk usage and the usage-only chunk are removed unless it asked for them.
-    """
-
-    __slots__ = ("usage", "chat", "wants_usage", "wants_running", "served", "public", "buffer", "done",
-                 "failed", "finished", "_swap")
-
-    def __init__(self, usage: Usage, endpoint: str, wants_usage: bool, wants_running: bool,
-                 served: str, public: str) -> None:
-        self.usage = usage
-        self.chat = endpoint == "chat"
-        self.wants_usage, self.wants_running = wants_usage, wants_running
-        self.served, self.public = served, public
-        self._swap = served != public
-        self.buffer = b""
-        self.done = False  # [DONE] seen
-        self.failed = False  # the upstream sent an error event (already relayed with [DONE])
-        self.finished = False
-
-    def feed(self, data: bytes) -> bytes:
-        self.buffer += data
-        if b"\n\n" not in self.buffer:
-            return b""
-        *events, self.buffer = self.buffer.split(b"\n\n")
-        out = []
-        for event in events:
-            piece = self._event(event)
-            if piece is not None:
-                out.append(piece)
-            if self.finished:
-                break
-        return b"".join(out)
-
-    def _event(self, event: bytes) -> bytes | None:
-        if not event.startswith(b"data: "):
-            return event + b"\n\n" if event.strip() else None
-        payload = event[6:]
-        if payload == b"[DONE]":
-            self.done = self.finished = True
-            return DONE
-        try:
-            obj = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            self.finished = True  # garbage: the relay ends with an error event
-            return None
-        if not isinstance(obj, dict):
-            self.finished = True
-            return None
-        if "error" in obj:
-            self.failed = self.finished = True
-            return event + b"\n\n"
-        usage = obj.get("usage")
-        choices = obj.get("choices")
-        if isinstance(usage, dict):
-            if not choices:
-                self.usage.take(usage)
-                if not self.wants_usage:
-                    return None
-            else:
-                self.usage.take_running(choices[0].get("index", 0), usage)
-        changed = False
-        if isinstance(usage, dict) and choices and not self.wants_running:
-            if self.chat:
-                del obj["usage"]
-            else:
-                obj["usage"] = None
-            changed = True
-        if self._swap and obj.get("model") == self.served:
-            obj["model"] = self.public
-            changed = True
-        if not changed:
-            return event + b"\n\n"
-        return b"data: " + orjson.dumps(obj) + b"\n\n"

@@ -1,0 +1,102 @@
+"""Streaming answers: the upstream's server-sent events re-framed for the client.
+
+``_StreamRelay`` passes vLLM's SSE stream on chunk by chunk, collecting usage and hiding what the
+client did not ask for; ``_error_event`` is the event that ends a stream the upstream broke off.
+The SSE response headers and the ``[DONE]`` terminator are defined here.
+"""
+import orjson
+
+from proxy import errors
+from proxy.metering import Usage
+from proxy.upstream import Route
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+DONE = b"data: [DONE]\n\n"
+
+
+def _error_event(route: Route) -> bytes:
+    body = errors.error_body(errors.UPSTREAM_STREAM_BROKEN.format(model=route.public_name), "upstream_error", code=502)
+    return b"data: " + body + b"\n\n"
+
+
+class _StreamRelay:
+    """Re-frames an upstream SSE stream for the client, collecting usage on the way.
+
+    The gateway always asks vLLM for include_usage + continuous_usage_stats; the
+    client gets exactly what vLLM would have sent for its own stream_options: the
+    per-chunk usage and the usage-only chunk are removed unless it asked for them.
+    """
+
+    __slots__ = ("usage", "chat", "wants_usage", "wants_running", "served", "public", "buffer", "done",
+                 "failed", "finished", "_swap")
+
+    def __init__(self, usage: Usage, endpoint: str, wants_usage: bool, wants_running: bool,
+                 served: str, public: str) -> None:
+        self.usage = usage
+        self.chat = endpoint == "chat"
+        self.wants_usage, self.wants_running = wants_usage, wants_running
+        self.served, self.public = served, public
+        self._swap = served != public
+        self.buffer = b""
+        self.done = False  # [DONE] seen
+        self.failed = False  # the upstream sent an error event (already relayed with [DONE])
+        self.finished = False
+
+    def feed(self, data: bytes) -> bytes:
+        self.buffer += data
+        if b"\n\n" not in self.buffer:
+            return b""
+        *events, self.buffer = self.buffer.split(b"\n\n")
+        out = []
+        for event in events:
+            piece = self._event(event)
+            if piece is not None:
+                out.append(piece)
+            if self.finished:
+                break
+        return b"".join(out)
+
+    def _event(self, event: bytes) -> bytes | None:
+        if not event.startswith(b"data: "):
+            return event + b"\n\n" if event.strip() else None
+        payload = event[6:]
+        if payload == b"[DONE]":
+            self.done = self.finished = True
+            return DONE
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            self.finished = True  # garbage: the relay ends with an error event
+            return None
+        if not isinstance(obj, dict):
+            self.finished = True
+            return None
+        if "error" in obj:
+            self.failed = self.finished = True
+            return event + b"\n\n"
+        usage = obj.get("usage")
+        choices = obj.get("choices")
+        if isinstance(usage, dict):
+            if not choices:
+                self.usage.take(usage)
+                if not self.wants_usage:
+                    return None
+            else:
+                self.usage.take_running(choices[0].get("index", 0), usage)
+        changed = False
+        if isinstance(usage, dict) and choices and not self.wants_running:
+            if self.chat:
+                del obj["usage"]
+            else:
+                obj["usage"] = None
+            changed = True
+        if self._swap and obj.get("model") == self.served:
+            obj["model"] = self.public
+            changed = True
+        if not changed:
+            return event + b"\n\n"
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
