@@ -558,7 +558,10 @@ def test_transition_under_load_never_exceeds_capacity(r):
         return peak, samples
 
     peak, samples = run(main())
-    assert peak == 16  # documented overshoot bound with Redis up: 0
+    # Never above the capacity (documented overshoot bound with Redis up: 0). The load does
+    # saturate it, but under saturation every slot passes through Redis between holders, so
+    # on a slow machine the instantaneous count can stay a slot or two short of 16.
+    assert 12 <= peak <= 16
     assert max(samples) <= 16
 
 
