@@ -12,6 +12,7 @@ Near the limit a request is admitted only if its worst case fits in what is
 left: a member with 500 tokens left may still send a request with
 max_tokens=300 and a short prompt, but not one that could use 4,096.
 """
+import logging
 from dataclasses import dataclass
 from datetime import date
 
@@ -19,10 +20,12 @@ from django.db import connection, transaction
 
 from billing.models import QuotaCounter, TeamQuotaCounter
 from billing.periods import period_reset_at, period_start_for
-from proxy.db import Combiner, async_postgres, numbered, run_db
+from proxy.db import Combiner, DatabaseUnavailable, async_postgres, numbered, run_db
 from proxy.errors import ApiError
 from proxy.keys import KeyInfo
 from proxy.observability import RESERVE_STATEMENTS
+
+log = logging.getLogger("qwenhub.gateway")
 
 QUOTA_REQUESTS_EXHAUSTED = (
     "You have used all {limit} requests of your monthly quota. It resets at {reset} ({tz}). "
@@ -53,6 +56,10 @@ UPDATE {_COUNTER}
    AND (request_limit IS NULL OR requests_used + requests_reserved + %s <= request_limit)
    AND (token_limit IS NULL OR tokens_used + tokens_reserved + %s <= token_limit)
 RETURNING id"""
+# Gives back a reservation that will never be settled.
+_RELEASE_SQL = f"""
+UPDATE {_COUNTER} SET requests_reserved = requests_reserved - 1, tokens_reserved = tokens_reserved - %s
+ WHERE id = %s"""
 _OPEN_SQL = f"""
 INSERT INTO {_COUNTER} (member_id, period_start, request_limit, token_limit,
                         requests_used, requests_reserved, tokens_used, tokens_reserved)
@@ -128,7 +135,7 @@ def _reserve(key: KeyInfo, start: date, tokens: int) -> tuple[int, int | None] |
 
 
 _RESERVE_ASYNC, _OPEN_ASYNC = numbered(_RESERVE_SQL), numbered(_OPEN_SQL)
-_RESERVE_MANY_ASYNC = numbered(_RESERVE_MANY_SQL)
+_RESERVE_MANY_ASYNC, _RELEASE_ASYNC = numbered(_RESERVE_MANY_SQL), numbered(_RELEASE_SQL)
 _TEAM_RESERVE_ASYNC, _TEAM_OPEN_ASYNC = numbered(_TEAM_RESERVE_SQL), numbered(_TEAM_OPEN_SQL)
 
 
@@ -190,8 +197,22 @@ async def _reserve_many(counter: tuple[int, date], items: list[tuple[KeyInfo, in
     return [await postgres.run(_reserve_async, key, start, tokens) for key, tokens in items]
 
 
+async def _release_async(conn, counter_id: int, tokens: int) -> None:
+    RESERVE_STATEMENTS.inc()
+    await conn.execute(_RELEASE_ASYNC, tokens, counter_id)
+
+
+async def _release_orphan(counter: tuple[int, date], item: tuple[KeyInfo, int], result) -> None:
+    """A combined reservation whose request was cancelled while it waited: give it back."""
+    if isinstance(result, tuple):
+        try:
+            await async_postgres().run(_release_async, result[0], item[1])
+        except DatabaseUnavailable:
+            log.error("reservation of member %s not given back (database unavailable)", counter[0])
+
+
 # Reservations of members without a team cap, by (member id, period start).
-_reservations = Combiner(_reserve_one, _reserve_many)
+_reservations = Combiner(_reserve_one, _reserve_many, _release_orphan)
 
 
 def _full_counter(key: KeyInfo, start: date, verdict: str) -> QuotaCounter | TeamQuotaCounter:

@@ -162,10 +162,12 @@ class Combiner:
     connections free. A lone call never waits: `single(key, item)` runs at once. Calls
     that find their key busy wait, and are then handed together to `many(key, items)`,
     which returns one result per item. An exception fails every call of its statement.
+    A result whose caller was cancelled while it waited goes to `orphan(key, item, result)`
+    (a reservation nobody will settle must be given back).
     """
 
-    def __init__(self, single, many) -> None:
-        self.single, self.many = single, many
+    def __init__(self, single, many, orphan=None) -> None:
+        self.single, self.many, self.orphan = single, many, orphan
         self.waiting: dict = {}  # key -> [(item, future)] of the calls waiting for the key's statement
         self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
@@ -202,9 +204,11 @@ class Combiner:
                     if cancelled:
                         raise
                 else:
-                    for (_, future), result in zip(batch, results, strict=True):
+                    for (item, future), result in zip(batch, results, strict=True):
                         if not future.done():
                             future.set_result(result)
+                        elif self.orphan is not None:
+                            await self.orphan(key, item, result)
         finally:
             del self.waiting[key]
             for _, future in queue:

@@ -67,3 +67,37 @@ def test_request_quota_holds_under_combined_reservations():
     results, _ = _reserve_concurrently(12, 10, request_quota=5)
     assert sum(not isinstance(r, BaseException) for r in results) == 5
     assert QuotaCounter.objects.get().requests_reserved == 5
+
+
+def test_a_reservation_cancelled_while_it_waits_is_given_back():
+    """A request cancelled (server shutting down) while queued behind its member's reservation holds nothing."""
+    team = team_create(slug="lab", name="Lab")
+    member = member_add(team=team, username="ada", token_quota=1_000_000)
+    _, raw = api_key_issue(member=member)
+    forget_all()
+    real_single = admission._reserve_async
+
+    async def slow_single(conn, *args):
+        await asyncio.sleep(0.05)
+        return await real_single(conn, *args)
+
+    async def run():
+        try:
+            key = await authenticate(raw)
+            with mock.patch.object(admission, "_reserve_async", slow_single):
+                tasks = [asyncio.ensure_future(reserve(key, 100)) for _ in range(5)]
+                await asyncio.sleep(0.01)  # the first runs alone, the other four wait for it
+                assert [len(queue) for queue in admission._reservations.waiting.values()] == [4]
+                tasks[3].cancel()
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                while admission._reservations.waiting:
+                    await asyncio.sleep(0.01)
+            return results
+        finally:
+            await close_async_postgres()
+
+    results = asyncio.run(run())
+    assert isinstance(results[3], asyncio.CancelledError)
+    assert sum(not isinstance(r, BaseException) for r in results) == 4
+    counter = QuotaCounter.objects.get()
+    assert (counter.requests_reserved, counter.tokens_reserved) == (4, 400)
