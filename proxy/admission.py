@@ -12,7 +12,6 @@ Near the limit a request is admitted only if its worst case fits in what is
 left: a member with 500 tokens left may still send a request with
 max_tokens=300 and a short prompt, but not one that could use 4,096.
 """
-import logging
 from dataclasses import dataclass
 from datetime import date
 
@@ -20,12 +19,10 @@ from django.db import connection, transaction
 
 from billing.models import QuotaCounter, TeamQuotaCounter
 from billing.periods import period_reset_at, period_start_for
-from proxy.db import Combiner, DatabaseUnavailable, async_postgres, numbered, run_db
+from proxy.db import Combiner, async_postgres, numbered, run_db
 from proxy.errors import ApiError
 from proxy.keys import KeyInfo
 from proxy.observability import RESERVE_STATEMENTS
-
-log = logging.getLogger("qwenhub.gateway")
 
 QUOTA_REQUESTS_EXHAUSTED = (
     "You have used all {limit} requests of your monthly quota. It resets at {reset} ({tz}). "
@@ -205,10 +202,7 @@ async def _release_async(conn, counter_id: int, tokens: int) -> None:
 async def _release_orphan(counter: tuple[int, date], item: tuple[KeyInfo, int], result) -> None:
     """A combined reservation whose request was cancelled while it waited: give it back."""
     if isinstance(result, tuple):
-        try:
-            await async_postgres().run(_release_async, result[0], item[1])
-        except DatabaseUnavailable:
-            log.error("reservation of member %s not given back (database unavailable)", counter[0])
+        await async_postgres().run(_release_async, result[0], item[1])
 
 
 # Reservations of members without a team cap, by (member id, period start).

@@ -208,7 +208,10 @@ class Combiner:
                         if not future.done():
                             future.set_result(result)
                         elif self.orphan is not None:
-                            await self.orphan(key, item, result)
+                            try:
+                                await self.orphan(key, item, result)
+                            except Exception:  # noqa: BLE001 - the others of the batch are answered already
+                                log.exception("could not give back an orphaned result")
         finally:
             del self.waiting[key]
             for _, future in queue:

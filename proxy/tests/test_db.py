@@ -110,3 +110,66 @@ def test_requests_survive_a_database_restart(transactional_db, gateway, sim):
     counter = QuotaCounter.objects.get(member=world.member)
     assert (counter.requests_used, counter.requests_reserved, counter.tokens_reserved) == (4, 0, 0)
     assert counter.tokens_used == sum(r.total_tokens for r in rows)
+
+
+def test_combiner_runs_a_lone_call_at_once_and_batches_what_waits():
+    from proxy.db import Combiner
+
+    calls = []
+
+    async def single(key, item):
+        calls.append(("one", key, [item]))
+        await asyncio.sleep(0.02)
+        return item * 10
+
+    async def many(key, items):
+        calls.append(("many", key, list(items)))
+        await asyncio.sleep(0.01)
+        return [i * 10 for i in items]
+
+    async def run():
+        c = Combiner(single, many)
+        first = await c.submit("k", 1)  # alone: at once
+        results = await asyncio.gather(*(c.submit("k", i) for i in range(2, 7)), c.submit("other", 9))
+        assert not c.waiting
+        return first, results
+
+    first, results = asyncio.run(run())
+    assert first == 10 and results == [20, 30, 40, 50, 60, 90]
+    assert calls == [("one", "k", [1]), ("one", "k", [2]), ("one", "other", [9]), ("many", "k", [3, 4, 5, 6])]
+
+
+def test_combiner_fails_a_batch_together_and_hands_orphans_over():
+    from proxy.db import Combiner
+
+    orphans = []
+
+    async def single(key, item):
+        await asyncio.sleep(0.02)
+        return item
+
+    async def many(key, items):
+        if 99 in items:
+            raise DatabaseUnavailable()
+        await asyncio.sleep(0.01)
+        return list(items)
+
+    async def orphan(key, item, result):
+        orphans.append((item, result))
+        raise RuntimeError("the orphan handler failing does not hurt the others")
+
+    async def run():
+        c = Combiner(single, many, orphan)
+        failed = await asyncio.gather(c.submit("k", 1), c.submit("k", 99), c.submit("k", 3), return_exceptions=True)
+        tasks = [asyncio.ensure_future(c.submit("k", i)) for i in (4, 5, 6)]
+        await asyncio.sleep(0.005)
+        tasks[1].cancel()  # waits behind 4, will be combined with 6
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        while c.waiting:
+            await asyncio.sleep(0.005)
+        return failed, done
+
+    failed, done = asyncio.run(run())
+    assert failed[0] == 1 and all(isinstance(r, DatabaseUnavailable) for r in failed[1:])
+    assert done[0] == 4 and isinstance(done[1], asyncio.CancelledError) and done[2] == 6
+    assert orphans == [(5, 5)]
