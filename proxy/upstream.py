@@ -1,9 +1,9 @@
 """Upstreams as the gateway sees them: the routing table, connections and health.
 
 Each gateway process loads the routing table (public names and aliases →
-upstream + served name) from the database every few seconds, keeps one aiohttp
-session (a keep-alive connection pool) per upstream, and checks every upstream's
-/health in the background. A connection failure marks an upstream down at once;
+upstream + served name) from the database every few seconds, keeps keep-alive
+connections per upstream (proxy.upstream_http for requests, an aiohttp session for
+health checks), and checks every upstream's /health in the background. A connection failure marks an upstream down at once;
 the next successful health check brings it back.
 """
 import asyncio
@@ -16,6 +16,7 @@ from django.conf import settings
 
 from proxy.db import run_db
 from proxy.models import ModelAlias, ModelRoute
+from proxy.upstream_http import UpstreamHTTP
 
 log = logging.getLogger("qwenhub.gateway")
 
@@ -29,7 +30,8 @@ class UpstreamState:
     max_concurrency: int
     healthy: bool = True
     in_flight: int = 0
-    session: aiohttp.ClientSession | None = None
+    session: aiohttp.ClientSession | None = None  # health checks
+    http: UpstreamHTTP | None = None  # requests
 
     @property
     def root_url(self) -> str:
@@ -48,6 +50,19 @@ class UpstreamState:
                 ),
             )
         return self.session
+
+    def get_http(self) -> UpstreamHTTP:
+        if self.http is None:
+            self.http = UpstreamHTTP(self.base_url, self.api_key or None,
+                                     connect_timeout=settings.QWENHUB_UPSTREAM_CONNECT_TIMEOUT,
+                                     read_timeout=settings.QWENHUB_UPSTREAM_TIMEOUT)
+        return self.http
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        if self.http is not None:
+            await self.http.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,16 +108,15 @@ class Router:
                 u = r.upstream
                 state = self.upstreams.get(u.pk)
                 if state is None or (state.base_url, state.api_key) != (u.base_url, u.api_key):
-                    if state is not None and state.session is not None:
-                        await state.session.close()
+                    if state is not None:
+                        await state.close()
                     state = UpstreamState(id=u.pk, name=u.name, base_url=u.base_url, api_key=u.api_key,
                                           max_concurrency=u.max_concurrency)
                 state.name, state.max_concurrency = u.name, u.max_concurrency
                 upstreams[u.pk] = state
                 by_model.setdefault(r.model_id, [r.model, []])[1].append((state, r.served_name))
             for gone in set(self.upstreams) - set(upstreams):
-                if self.upstreams[gone].session is not None:
-                    await self.upstreams[gone].session.close()
+                await self.upstreams[gone].close()
             routes: dict[str, Route] = {}
             models = []
             for model, targets in by_model.values():
@@ -166,5 +180,4 @@ class Router:
             self._health_task.cancel()
             self._health_task = None
         for upstream in self.upstreams.values():
-            if upstream.session is not None:
-                await upstream.session.close()
+            await upstream.close()

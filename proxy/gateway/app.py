@@ -9,7 +9,6 @@ import asyncio
 import logging
 import time
 
-import aiohttp
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from django.conf import settings
@@ -29,6 +28,7 @@ from proxy.limits import RateLimiter
 from proxy.metering import Usage, UsageRow, settle
 from proxy.observability import AUTH_FAILURES, GatewayCollector, may_scrape, observe, render
 from proxy.upstream import Route, Router, UpstreamState
+from proxy.upstream_http import Response, UpstreamError
 
 log = logging.getLogger("qwenhub.gateway")
 
@@ -281,23 +281,18 @@ class Gateway:
                                         (b"retry-after", str(-(-wait_ms // 1000)).encode())]) from None
             upstream.in_flight += 1
             try:
-                response = await upstream.get_session().post(
-                    upstream.base_url + ex.scope["path"][3:],
-                    data=orjson.dumps(payload),
-                    headers={"Content-Type": "application/json", "X-Request-Id": ex.request_id},
-                )
+                response = await upstream.get_http().post(ex.scope["path"][3:], orjson.dumps(payload), ex.request_id)
             except BaseException as exc:
                 upstream.in_flight -= 1
                 ex.upstream_wait += time.perf_counter() - t
                 await self.fair_queue.release(slot)
-                if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+                if isinstance(exc, asyncio.TimeoutError):
                     raise ApiError(504, errors.UPSTREAM_TIMEOUT.format(
                         model=route.public_name, seconds=settings.QWENHUB_UPSTREAM_TIMEOUT),
                         "timeout", code="upstream_timeout", usage_status=UsageRecord.Status.UPSTREAM_TIMEOUT) from None
-                if not isinstance(exc, aiohttp.ClientError):
+                if not isinstance(exc, UpstreamError):
                     raise
-                if isinstance(exc, (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)):
-                    self.router.mark_down(upstream)
+                self.router.mark_down(upstream)  # refused, unreachable, or gone before answering
                 last_error = exc
                 continue
             ex.upstream_wait += time.perf_counter() - t
@@ -307,7 +302,7 @@ class Gateway:
         raise ApiError(503, errors.UPSTREAM_UNAVAILABLE.format(model=route.public_name), "service_unavailable",
                        code="upstream_unavailable", usage_status=UsageRecord.Status.UPSTREAM_UNAVAILABLE)
 
-    async def _close(self, upstream: UpstreamState, slot, response: aiohttp.ClientResponse, reuse: bool) -> None:
+    async def _close(self, upstream: UpstreamState, slot, response: Response, reuse: bool) -> None:
         """Give back the upstream slot; keep the connection only after a complete answer."""
         upstream.in_flight -= 1
         if reuse:
@@ -316,12 +311,12 @@ class Gateway:
             response.close()  # vLLM sees the disconnect and aborts whatever is left
         await self.fair_queue.release(slot)
 
-    async def _upstream_error(self, route: Route, response: aiohttp.ClientResponse) -> ApiError:
+    async def _upstream_error(self, route: Route, response: Response) -> ApiError:
         """Turn an upstream error response into an OpenAI-shaped ApiError."""
         status = response.status
         try:
             raw = await response.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except UpstreamError:
             raw = b""
         message = errors.UPSTREAM_BAD_RESPONSE.format(model=route.public_name, status=status)
         try:
@@ -350,7 +345,7 @@ class Gateway:
                 raise await self._upstream_error(route, response)
             try:
                 data = orjson.loads(await response.read())
-            except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError):
+            except (UpstreamError, orjson.JSONDecodeError):
                 data = None
             ex.upstream_wait += time.perf_counter() - t
             if not isinstance(data, dict):
@@ -379,7 +374,7 @@ class Gateway:
             await ex.start(200, SSE_HEADERS)
             relay = _StreamRelay(usage, endpoint, wants_usage, wants_running, payload["model"], model_name)
             try:
-                async for data in response.content.iter_any():
+                async for data in response.iter_any():
                     if row.ttft_ms is None:
                         row.ttft_ms = ex.elapsed_ms()
                     out = relay.feed(data)
@@ -387,7 +382,7 @@ class Gateway:
                         await ex.body(out, True)
                     if relay.finished:
                         break
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except UpstreamError:
                 pass  # the upstream broke off: answered below
             if relay.failed or not relay.done:
                 row.status, row.http_status = UsageRecord.Status.UPSTREAM_ERROR, 502
