@@ -372,7 +372,8 @@ class Gateway:
             if response.status != 200:
                 raise await self._upstream_error(route, response)
             await ex.start(200, SSE_HEADERS)
-            relay = _StreamRelay(usage, endpoint, wants_usage, wants_running, payload["model"], model_name)
+            relay = _StreamRelay(usage, endpoint, wants_usage, wants_running, payload["model"], model_name,
+                                 choices=payload.get("n") or 1)
             try:
                 async for data in response.iter_any():
                     if row.ttft_ms is None:

@@ -32,15 +32,20 @@ class _StreamRelay:
     """
 
     __slots__ = ("usage", "chat", "wants_usage", "wants_running", "served", "public", "buffer", "done",
-                 "failed", "finished", "_swap")
+                 "failed", "finished", "_swap", "_fast", "_model_from", "_model_to")
 
     def __init__(self, usage: Usage, endpoint: str, wants_usage: bool, wants_running: bool,
-                 served: str, public: str) -> None:
+                 served: str, public: str, choices: int = 1) -> None:
         self.usage = usage
         self.chat = endpoint == "chat"
         self.wants_usage, self.wants_running = wants_usage, wants_running
         self.served, self.public = served, public
         self._swap = served != public
+        # The common case (a chat stream, one choice, no per-chunk usage for the client) is
+        # cut as bytes: vLLM puts a chunk's usage last, so it is the tail `,"usage":{...}}`.
+        self._fast = self.chat and choices == 1 and not wants_running
+        self._model_from = b'"model":' + orjson.dumps(served)
+        self._model_to = b'"model":' + orjson.dumps(public)
         self.buffer = b""
         self.done = False  # [DONE] seen
         self.failed = False  # the upstream sent an error event (already relayed with [DONE])
@@ -67,6 +72,19 @@ class _StreamRelay:
         if payload == b"[DONE]":
             self.done = self.finished = True
             return DONE
+        if self._fast and payload.endswith(b"}}"):
+            cut = payload.rfind(b',"usage":{')
+            if cut > 0 and b'"choices":[]' not in payload and b'"error"' not in payload[:cut]:
+                try:
+                    usage = orjson.loads(payload[cut + 9:-1])
+                except orjson.JSONDecodeError:
+                    usage = None
+                if isinstance(usage, dict):
+                    self.usage.take_running(0, usage)
+                    out = payload[:cut] + b"}"
+                    if self._swap:
+                        out = out.replace(self._model_from, self._model_to, 1)
+                    return b"data: " + out + b"\n\n"
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError:

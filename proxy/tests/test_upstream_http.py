@@ -153,3 +153,41 @@ def test_refused_silent_and_broken_upstreams():
 
     pieces, idle = asyncio.run(run())
     assert b"".join(pieces) == b"hello" and idle == []  # a broken connection is never reused
+
+
+@pytest.mark.parametrize("public", ["Qwen/Qwen2.5-7B-Instruct", "qwen-public"])
+def test_the_relays_byte_path_gives_what_its_json_path_gives(sim, public):
+    """The fast cut of per-chunk usage (chat, one choice) matches the full parse, event by event."""
+    from proxy.gateway.relay import _StreamRelay
+    from proxy.metering import Usage
+
+    body = dict(CHAT, max_tokens=6, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+
+    async def fetch():
+        client = UpstreamHTTP(sim.base_url, None, connect_timeout=2, read_timeout=5)
+        try:
+            response = await client.post("/chat/completions", orjson.dumps(body), "r")
+            raw = b"".join([piece async for piece in response.iter_any()])
+            response.release()
+            return raw
+        finally:
+            await client.close()
+
+    raw = asyncio.run(fetch())
+    outputs = {}
+    for fast in (True, False):
+        for wants_usage in (True, False):
+            usage = Usage()
+            relay = _StreamRelay(usage, "chat", wants_usage, False, CHAT["model"], public)
+            relay._fast = fast
+            out = relay.feed(raw)
+            assert relay.done
+            events = [orjson.loads(e[6:]) for e in out.split(b"\n\n") if e.startswith(b"data: {")]
+            outputs[fast, wants_usage] = (events, usage.prompt_tokens, usage.completion_tokens)
+    for wants_usage in (True, False):
+        assert outputs[True, wants_usage] == outputs[False, wants_usage]
+        events, prompt, completion = outputs[True, wants_usage]
+        assert completion == 6 and prompt > 0
+        assert all(e["model"] == public for e in events)
+        assert all("usage" not in e for e in events if e["choices"])  # per-chunk usage cut
+        assert any(not e["choices"] for e in events) == wants_usage  # the final usage chunk only if asked
