@@ -176,8 +176,7 @@ class FairQueue:
             if k is not None and k.q == 0 and k.n <= _fast_limit(slot.capacity) and now - k.at <= LINGER:
                 k.pool.append((slot.token, slot.reuse_until, now))
                 k.capacity = slot.capacity
-                if k.timer is None:
-                    k.timer = asyncio.get_running_loop().call_later(LINGER, self._linger, uid)
+                self._arm_linger(uid, k)
                 return
         keys, prefix = self._keys_for(uid)
         try:
@@ -317,6 +316,9 @@ class FairQueue:
             if res[0] == 1:
                 return None  # given back: take the per-request path
             k.pool.extendleft(reversed(entries))
+            # The linger timer may have fired (and found the pool empty) while the script ran:
+            # without it these slots would stay kept, idle, until this process next releases one.
+            self._arm_linger(uid, k)
         # Reusing a slot this process already holds never adds to what the upstream runs,
         # so only waiters (who must get it instead) matter here, not how full it is.
         if k.q == 0:
@@ -350,6 +352,10 @@ class FairQueue:
                 self._defer_token(uid, capacity, 0, tok)
             raise
         self._saw(uid, res[1], res[2], at)
+
+    def _arm_linger(self, uid: int, k: _Kept) -> None:
+        if k.timer is None and k.pool:
+            k.timer = asyncio.get_running_loop().call_later(LINGER, self._linger, uid)
 
     def _linger(self, uid: int) -> None:
         """Timer: give back the kept slots that have been idle for LINGER (or are too old to reuse)."""

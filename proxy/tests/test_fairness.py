@@ -594,6 +594,39 @@ def test_kept_slots_go_to_waiters_of_another_process(r):
     run(main())
 
 
+def test_kept_slots_left_after_a_slow_refresh_still_go_back(r):
+    """The linger timer may fire while a refresh script runs (the pool looks empty then): the kept
+    slots that come back from the refresh must still be given back once idle, not stay held until
+    the process next releases a slot."""
+    import proxy.fairness.queue as fq
+
+    async def main():
+        a, b = FQ(URL), FQ(URL)
+        slots = [await a.acquire(upstream_id=1, capacity=8, member_id=1) for _ in range(3)]
+        for s in slots:
+            await a.release(s)  # kept by a
+        real_sync = a._s_sync
+
+        async def slow_sync(*args, **kwargs):
+            await asyncio.sleep(fq.LINGER * 2)  # the linger timer fires meanwhile
+            return await real_sync(*args, **kwargs)
+
+        a._s_sync = slow_sync
+        await asyncio.sleep(fq.FRESH * 1.5)  # a's view of Redis is stale: its next acquire refreshes it
+        reused = await a.acquire(upstream_id=1, capacity=8, member_id=1)
+        assert reused.token in [s.token for s in slots]  # served from the kept pool
+        # The two other kept slots are idle: within a few LINGERs they are back in Redis.
+        await until(lambda: r.zcard(K + "held") == 1, timeout=1.0)
+        # ... so another process can take every other slot at once.
+        others = [await asyncio.wait_for(b.acquire(upstream_id=1, capacity=8, member_id=2), 0.5) for _ in range(7)]
+        for s in others + [reused]:
+            await (b if s in others else a).release(s)
+        await a.close()
+        await b.close()
+
+    run(main())
+
+
 def test_kept_slots_are_replayed_after_an_outage(r):
     async def main():
         fwd = Forwarder()
