@@ -478,16 +478,20 @@ class FairQueue:
 
     async def _withdraw_later(self, uid: int, capacity: int, member: int, token: bytes) -> None:
         """After a cancelled acquire: remove the entry, or release the slot if a grant raced in."""
-        keys, prefix = self._keys_for(uid)
-        qkey = prefix + str(member).encode()
         try:
-            await self._s_withdraw(keys=keys + [qkey], args=(prefix, capacity, member, token, 1))
+            await self._withdraw_or_release(uid, capacity, member, token)
         except (RedisError, OSError) as exc:
             self._redis_failed(exc)
             self._defer_token(uid, capacity, member, token)
         except asyncio.CancelledError:
             self._defer_token(uid, capacity, member, token)
             raise
+
+    async def _withdraw_or_release(self, uid: int, capacity: int, member: int, token: bytes) -> None:
+        """Take token out of Redis, whether it is still queued or was granted (the withdraw script's release mode)."""
+        keys, prefix = self._keys_for(uid)
+        qkey = prefix + str(member).encode()
+        await self._s_withdraw(keys=keys + [qkey], args=(prefix, capacity, member, token, 1))
 
     async def _release_later(self, slot: Slot) -> None:
         keys, prefix = self._keys_for(slot.upstream_id)
@@ -512,11 +516,8 @@ class FairQueue:
         self._flushing = True
         try:
             while self._pending:
-                uid, capacity, member, token = self._pending[-1]
-                keys, prefix = self._keys_for(uid)
-                qkey = prefix + str(member).encode()
                 try:
-                    await self._s_withdraw(keys=keys + [qkey], args=(prefix, capacity, member, token, 1))
+                    await self._withdraw_or_release(*self._pending[-1])
                 except (RedisError, OSError) as exc:
                     self._redis_failed(exc)
                     return
