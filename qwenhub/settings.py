@@ -42,6 +42,7 @@ INSTALLED_APPS = [
     "tenants",
     "proxy",
     "billing",
+    "qwenhub",  # project-wide commands (demo) and checks
 ]
 
 # The /v1 gateway does not pass through this stack: qwenhub.asgi sends /v1 to

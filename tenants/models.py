@@ -1,11 +1,11 @@
-"""Teams, their members, members' API keys, and the audit trail."""
+"""Teams, their members, members' API keys, their monthly quota counters, and the audit trail."""
 import zoneinfo
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Q
 
 from qwenhub.models import TimestampedModel
 
@@ -87,6 +87,61 @@ class ApiKey(TimestampedModel):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.label or 'no label'})"
+
+
+class QuotaCounter(models.Model):
+    """A member's quota for one billing period (the team's calendar month).
+
+    The gateway moves it with conditional UPDATEs only (reserve, then settle):
+    the database is the truth, so concurrent requests cannot overspend it.
+    A new month is a new row, so nothing is zeroed at midnight.
+    """
+
+    member = models.ForeignKey("Member", on_delete=models.PROTECT, related_name="quota_counters")
+    period_start = models.DateField()
+    # Limits for this period, copied from the member when the row is opened and
+    # moved by top-ups; null = unlimited.
+    request_limit = models.BigIntegerField(null=True, blank=True)
+    token_limit = models.BigIntegerField(null=True, blank=True)
+    requests_used = models.BigIntegerField(default=0)
+    requests_reserved = models.BigIntegerField(default=0)
+    tokens_used = models.BigIntegerField(default=0)
+    tokens_reserved = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "billing_quotacounter"  # the table kept its name when the model moved here
+        constraints = [
+            models.UniqueConstraint(fields=["member", "period_start"], name="uniq_quota_member_period"),
+            models.CheckConstraint(condition=Q(requests_reserved__gte=0), name="quota_req_reserved_nonneg"),
+            models.CheckConstraint(condition=Q(tokens_reserved__gte=0), name="quota_tok_reserved_nonneg"),
+            models.CheckConstraint(
+                condition=Q(request_limit__isnull=True) | Q(request_limit__gte=F("requests_used")),
+                name="quota_requests_within_limit",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.member_id} {self.period_start:%Y-%m}"
+
+
+class TeamQuotaCounter(models.Model):
+    """A team-wide monthly token cap (Team.token_cap), moved like QuotaCounter."""
+
+    team = models.ForeignKey("Team", on_delete=models.PROTECT, related_name="quota_counters")
+    period_start = models.DateField()
+    token_limit = models.BigIntegerField(null=True, blank=True)
+    tokens_used = models.BigIntegerField(default=0)
+    tokens_reserved = models.BigIntegerField(default=0)
+
+    class Meta:
+        db_table = "billing_teamquotacounter"
+        constraints = [
+            models.UniqueConstraint(fields=["team", "period_start"], name="uniq_teamquota_team_period"),
+            models.CheckConstraint(condition=Q(tokens_reserved__gte=0), name="teamquota_tok_reserved_nonneg"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.team_id} {self.period_start:%Y-%m}"
 
 
 class AuditEvent(models.Model):

@@ -1,9 +1,8 @@
 """Reads for the member's own pages: one member's quota, keys and history, nothing else."""
 from dataclasses import dataclass
 
-from billing.models import QuotaCounter
-from billing.periods import period_reset_at, period_start_for
-from tenants.models import ApiKey, AuditEvent, Member
+from tenants.models import ApiKey, AuditEvent, Member, QuotaCounter
+from tenants.periods import period_reset_at, period_start_for
 
 
 @dataclass(frozen=True)

@@ -10,25 +10,24 @@ import logging
 import time
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST
 from django.conf import settings
 from django.utils import timezone
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from billing.models import UsageRecord
-from billing.periods import period_start_for
-from proxy import errors
-from proxy.admission import reserve
-from proxy.db import close_async_postgres
-from proxy.errors import ApiError, invalid_request
-from proxy.fairness import FairQueue, QueueTimeout
+from proxy.gateway import errors, ledger
+from proxy.gateway.errors import ApiError, invalid_request
 from proxy.gateway.exchange import JSON_HEADERS, ClientGone, Exchange
+from proxy.gateway.fairness import FairQueue, QueueTimeout
+from proxy.gateway.keys import KeyInfo, authenticate, extract_key
+from proxy.gateway.ledger import Usage, UsageRow
+from proxy.gateway.limits import RateLimiter
+from proxy.gateway.observability import AUTH_FAILURES, GatewayCollector, may_scrape, observe, render
 from proxy.gateway.relay import DONE, SSE_HEADERS, _StreamRelay, _error_event
-from proxy.keys import KeyInfo, authenticate, extract_key
-from proxy.limits import RateLimiter
-from proxy.metering import Usage, UsageRow, settle
-from proxy.observability import AUTH_FAILURES, GatewayCollector, may_scrape, observe, render
-from proxy.upstream import Route, Router, UpstreamState
-from proxy.upstream_http import Response, UpstreamError
+from proxy.gateway.upstream import Route, Router, UpstreamState
+from proxy.gateway.upstream_http import Response, UpstreamError
+from tenants import quota
+from tenants.periods import period_start_for
 
 log = logging.getLogger("qwenhub.gateway")
 
@@ -38,9 +37,6 @@ ENDPOINTS = {
     "/v1/embeddings": "embeddings",
 }
 REQUIRED_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
-# A prompt token is at least one byte of the request body, whose JSON syntax
-# also outweighs the chat template's tokens; this covers what is left over.
-PROMPT_BOUND_SLACK = 64
 
 
 class Gateway:
@@ -78,7 +74,7 @@ class Gateway:
         await self.router.stop()
         await self.limits.close()
         await self.fair_queue.close()
-        await close_async_postgres()
+        await ledger.close()
 
     async def __call__(self, scope, receive, send) -> None:
         ex = Exchange(scope, receive, send)
@@ -184,7 +180,8 @@ class Gateway:
         stream = payload.get("stream") is True
         completion_bound = self._completion_bound(payload, endpoint, route)
         # The quota reserves the worst case; rate limits take an estimate, corrected at settlement.
-        tokens = min(len(body) + PROMPT_BOUND_SLACK, route.max_model_len) + completion_bound
+        tokens = quota.reservation_tokens(body_bytes=len(body), completion_bound=completion_bound,
+                                          max_model_len=route.max_model_len)
         estimate = len(body) // 4 + completion_bound
         row = UsageRow(
             request_id=ex.request_id, team_id=key.team_id, member_id=key.member_id, api_key_id=key.key_id,
@@ -196,7 +193,7 @@ class Gateway:
             admission = await self.limits.admit(key, ex.request_id, estimate)
             if admission is not None:
                 ex.out_headers += admission.headers
-            reservation = await reserve(key, tokens)
+            reservation = await ledger.reserve(key=key, tokens=tokens)
         except ApiError as exc:
             await self.limits.settle(admission, 0)
             row.status, row.http_status = UsageRecord.Status.REJECTED, exc.status
@@ -224,8 +221,7 @@ class Gateway:
             watcher.cancel()
             row.duration_ms = ex.elapsed_ms()
             # Settle even if this task is being cancelled: shield it and wait.
-            task = asyncio.ensure_future(settle(row, usage, reservation.counter_id, reservation.tokens,
-                                                reservation.team_counter_id))
+            task = asyncio.ensure_future(ledger.settle(row=row, usage=usage, reservation=reservation))
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
@@ -239,7 +235,7 @@ class Gateway:
         row.period_start = period_start_for(key.team_timezone)
         row.duration_ms = ex.elapsed_ms()
         try:
-            await settle(row, usage)
+            await ledger.settle(row=row, usage=usage)
         except ApiError:
             pass
         self._log(ex, key, row, usage)

@@ -8,8 +8,8 @@ import asyncio
 import secrets
 import time
 
-from proxy import errors
-from proxy.errors import invalid_request
+from proxy.gateway import errors
+from proxy.gateway.errors import invalid_request
 
 OVERHEAD_HEADER = b"x-qwenhub-overhead-ms"
 JSON_HEADERS = [(b"content-type", b"application/json")]

@@ -6,9 +6,9 @@ The SSE response headers and the ``[DONE]`` terminator are defined here.
 """
 import orjson
 
-from proxy import errors
-from proxy.metering import Usage
-from proxy.upstream import Route
+from proxy.gateway import errors
+from proxy.gateway.metering import Usage
+from proxy.gateway.upstream import Route
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),

@@ -3,11 +3,11 @@ import factory
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
-from billing.models import QuotaCounter, UsageRecord
-from billing.periods import period_start_for
+from billing.models import UsageRecord
 from proxy.models import ModelRoute, PublicModel, Upstream
 from tenants.keys import api_key_display_prefix, api_key_generate, api_key_hash
-from tenants.models import ApiKey, Member, Team
+from tenants.models import ApiKey, Member, QuotaCounter, Team
+from tenants.periods import period_start_for
 
 
 class UserFactory(factory.django.DjangoModelFactory):

@@ -7,10 +7,9 @@ from django.contrib.auth import get_user_model
 from django.core.management import CommandError
 from django.db import connection
 
-from billing.models import QuotaCounter
-from billing.periods import period_start_for
 from tenants.keys import api_key_hash
-from tenants.models import ApiKey, AuditEvent, Member
+from tenants.models import ApiKey, AuditEvent, Member, QuotaCounter
+from tenants.periods import period_start_for
 from tenants.tests.factories import ApiKeyFactory, TeamFactory
 from tenants.tests.utils import run_command, tables_containing
 

@@ -2,8 +2,7 @@
 import pytest
 from django.contrib.auth import get_user_model
 
-from billing.services import quota_top_up
-from tenants.services import api_key_issue, member_add, team_create
+from tenants.services import api_key_issue, member_add, quota_top_up, team_create
 
 pytestmark = pytest.mark.django_db
 

@@ -1,8 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from billing.services import quota_reset, quota_top_up
 from tenants.management.base import REASON_MAX, limit_text, positive_int, service_errors
-from tenants.services import member_get
+from tenants.services import member_get, quota_reset, quota_top_up
 
 
 class Command(BaseCommand):
