@@ -9,7 +9,6 @@ import secrets
 import time
 
 from proxy.gateway import errors
-from proxy.gateway.errors import invalid_request
 
 OVERHEAD_HEADER = b"x-qwenhub-overhead-ms"
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -79,7 +78,7 @@ class Exchange:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise invalid_request(errors.BODY_TOO_LARGE.format(limit=limit), code="request_too_large", status=413)
+                raise errors.body_too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks)

@@ -1,14 +1,15 @@
 """Streaming answers: the upstream's server-sent events re-framed for the client.
 
-``_StreamRelay`` passes vLLM's SSE stream on chunk by chunk, collecting usage and hiding what the
-client did not ask for; ``_error_event`` is the event that ends a stream the upstream broke off.
-The SSE response headers and the ``[DONE]`` terminator are defined here.
+``relay_stream`` passes vLLM's SSE stream on as it arrives; ``_StreamRelay`` re-frames it chunk by
+chunk, collecting usage and hiding what the client did not ask for. A stream the upstream breaks
+off ends with the catalogue's error event and ``[DONE]``. The SSE response headers and the
+``[DONE]`` terminator are defined here.
 """
 import orjson
 
 from proxy.gateway import errors
-from proxy.gateway.metering import Usage
-from proxy.gateway.upstream import Route
+from proxy.gateway.ledger import Usage
+from proxy.gateway.upstream_http import Response, UpstreamError
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -18,9 +19,25 @@ SSE_HEADERS = [
 DONE = b"data: [DONE]\n\n"
 
 
-def _error_event(route: Route) -> bytes:
-    body = errors.error_body(errors.UPSTREAM_STREAM_BROKEN.format(model=route.public_name), "upstream_error", code=502)
-    return b"data: " + body + b"\n\n"
+async def relay_stream(req, response: Response, relay: "_StreamRelay") -> None:
+    """Send the upstream's events to the client of req (a ``request.Request``) as they come, then end the stream."""
+    ex, row = req.ex, req.row
+    try:
+        async for data in response.iter_any():
+            if row.ttft_ms is None:
+                row.ttft_ms = ex.elapsed_ms()
+            out = relay.feed(data)
+            if out:
+                await ex.body(out, True)
+            if relay.finished:
+                break
+    except UpstreamError:
+        pass  # the upstream broke off: answered below
+    if relay.failed or not relay.done:
+        row.status, row.http_status = errors.Status.UPSTREAM_ERROR, 502
+        await ex.body((b"" if relay.failed else errors.stream_broken_event(req.route.public_name)) + DONE, False)
+        return
+    await ex.body(b"", False)
 
 
 class _StreamRelay:
