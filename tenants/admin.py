@@ -91,19 +91,20 @@ def inline_changes(formset, parent, fields):
     (formset.save(), which would set them, is never called: the service writes the rows).
     """
     fields = [f for f in fields if f != formset.fk.name]  # the parent is the page's object, not an edit
+    to_delete = set(formset.deleted_forms)
     added, changed, deleted = [], [], []
     formset.new_objects, formset.changed_objects, formset.deleted_objects = [], [], []
     for form in formset.initial_forms:
         if form.instance.pk is None:
             continue
-        if formset.can_delete and formset._should_delete_form(form):
+        if form in to_delete:
             deleted.append(form.instance)
             formset.deleted_objects.append(form.instance)
         elif form.has_changed():
             changed.append((form.instance, form_data(form, fields)))
             formset.changed_objects.append((form.instance, form.changed_data))
     for form in formset.extra_forms:
-        if not form.has_changed() or (formset.can_delete and formset._should_delete_form(form)):
+        if not form.has_changed() or form in to_delete:
             continue
         added.append(form_data(form, fields))
         setattr(form.instance, formset.fk.name, parent)
@@ -121,6 +122,8 @@ class ServiceAdminMixin:
     service succeeded.
     """
 
+    # Django's changeform_view and delete_view are these same bodies (_changeform_view,
+    # _delete_view) inside transaction.atomic(), in which a durable service cannot run.
     @csrf_protect_m
     def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
         try:
