@@ -21,6 +21,7 @@ from tenants.models import ApiKey, AuditEvent, Member, QuotaCounter, Team, TeamQ
 from tenants.selectors import api_key_list, member_list, member_list_for_counters, team_list
 from tenants.services import (
     api_key_revoke,
+    api_key_update,
     member_create,
     member_update,
     quota_reset,
@@ -28,6 +29,7 @@ from tenants.services import (
     team_create,
     team_update,
 )
+from tenants.services.keys import API_KEY_UPDATE_FIELDS
 from tenants.services.teams import MEMBER_UPDATE_FIELDS, TEAM_UPDATE_FIELDS
 
 QUOTA_HELP = (
@@ -308,7 +310,7 @@ class KeyStatusFilter(admin.SimpleListFilter):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
+class ApiKeyAdmin(ServiceAdminMixin, SecretLookupsRefusedMixin, admin.ModelAdmin):
     """Keys are issued with create_key or the dashboard (the raw key is shown once), never here."""
 
     list_display = ["prefix", "label", "member", "team", "created_at", "last_used_at", "expires_at", "revoked_at"]
@@ -328,6 +330,10 @@ class ApiKeyAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
 
     def get_queryset(self, request):
         return api_key_list()
+
+    def save_with_services(self, request, form, formsets, change):
+        adopt(form.instance, api_key_update(key=form.instance, data=form_data(form, API_KEY_UPDATE_FIELDS),
+                                            actor=request.user))
 
     @admin.display(description="team", ordering="member__team__slug")
     def team(self, key):

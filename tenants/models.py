@@ -155,6 +155,7 @@ class AuditEvent(models.Model):
         KEY_ISSUED = "key_issued"
         KEY_IMPORTED = "key_imported"
         KEY_REVOKED = "key_revoked"
+        KEY_UPDATED = "key_updated"
         QUOTA_TOPPED_UP = "quota_topped_up"
         QUOTA_RESET = "quota_reset"
         UPSTREAM_ADDED = "upstream_added"

@@ -9,7 +9,8 @@ from tenants.services.teams import (  # noqa: F401
 )
 from tenants.services.keys import (  # noqa: F401
     IMPORT_DUPLICATE_NAME, IMPORT_ENTRY_INVALID, IMPORT_KEY_EXISTS, IMPORT_NOT_OBJECT, KEY_ALREADY_REVOKED,
-    KEY_AMBIGUOUS, KEY_UNKNOWN, api_key_get_by_prefix, api_key_issue, api_key_revoke, api_keys_import,
+    KEY_AMBIGUOUS, KEY_UNKNOWN, api_key_get_by_prefix, api_key_issue, api_key_revoke, api_key_update,
+    api_keys_import,
 )
 from tenants.services.quotas import (  # noqa: F401
     QUOTA_AMOUNT_INVALID, QUOTA_CHANGE_REASON, QUOTA_UNLIMITED, quota_counter_apply_quota_change, quota_counter_carry,

@@ -125,3 +125,19 @@ def test_team_page_queries_do_not_grow_with_members(admin_client):
     few = count()
     MemberFactory.create_batch(6, team=team)
     assert count() == few
+
+
+def test_key_label_edited_in_the_admin_goes_through_api_key_update(admin_client, admin_user):
+    from tenants.models import ApiKey
+    from tenants.tests.factories import ApiKeyFactory
+
+    key = ApiKeyFactory(label="old")
+    url = reverse("admin:tenants_apikey_change", args=[key.pk])
+    data = form_data(admin_client.get(url))
+    data["label"] = "laptop"
+    assert admin_client.post(url, data).status_code == 302
+    assert ApiKey.objects.get(pk=key.pk).label == "laptop"
+    event = AuditEvent.objects.get(kind=AuditEvent.Kind.KEY_UPDATED)
+    assert (event.actor, event.member) == (admin_user, key.member)
+    assert event.data == {"prefix": key.prefix, "changed": {"label": {"old": "old", "new": "laptop"}}}
+    assert key.key_hash.split("$")[1] not in str(event.data)
