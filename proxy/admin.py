@@ -1,9 +1,33 @@
-"""Admin for upstreams and model names. The upstream's api_key is write-only here."""
+"""Admin for upstreams and model names. The upstream's api_key is write-only here.
+
+Every write goes through proxy.services (audited; the api_key only as "api_key changed"),
+every list through proxy.selectors.
+"""
 from django import forms
 from django.contrib import admin
 
 from proxy.models import ModelAlias, ModelRoute, PublicModel, Upstream
-from tenants.admin import SecretLookupsRefusedMixin
+from proxy.selectors import model_route_list, public_model_list
+from proxy.services import (
+    MODEL_ALIAS_UPDATE_FIELDS,
+    MODEL_ROUTE_UPDATE_FIELDS,
+    PUBLIC_MODEL_UPDATE_FIELDS,
+    UPSTREAM_UPDATE_FIELDS,
+    RowChanges,
+    model_alias_create,
+    model_alias_delete,
+    model_alias_update,
+    model_route_create,
+    model_route_delete,
+    model_route_update,
+    public_model_create,
+    public_model_delete,
+    public_model_update,
+    upstream_create,
+    upstream_delete,
+    upstream_update,
+)
+from tenants.admin import SecretLookupsRefusedMixin, ServiceAdminMixin, adopt, form_data, inline_changes
 
 MASK = "••••••••"
 
@@ -44,7 +68,7 @@ def masked(value: str) -> str:
 
 
 @admin.register(Upstream)
-class UpstreamAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
+class UpstreamAdmin(ServiceAdminMixin, SecretLookupsRefusedMixin, admin.ModelAdmin):
     form = UpstreamForm
     refused_lookup_parts = SecretLookupsRefusedMixin.refused_lookup_parts | {"api_key"}
     list_display = ["name", "base_url", "api_key_masked", "enabled", "max_concurrency", "created_at"]
@@ -64,6 +88,17 @@ class UpstreamAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
     def api_key_masked(self, upstream):
         return masked(upstream.api_key)
 
+    def save_with_services(self, request, form, formsets, change):
+        data = form_data(form, UPSTREAM_UPDATE_FIELDS)
+        if change:
+            upstream = upstream_update(upstream=form.instance, data=data, actor=request.user)
+        else:
+            upstream = upstream_create(**data, actor=request.user)
+        adopt(form.instance, upstream)
+
+    def delete_with_service(self, request, obj):
+        upstream_delete(upstream=obj, actor=request.user)
+
 
 class ModelAliasInline(admin.TabularInline):
     model = ModelAlias
@@ -76,34 +111,77 @@ class ModelRouteInline(admin.TabularInline):
     fields = ["upstream", "served_name"]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).select_related("upstream", "model")
+        return model_route_list()
 
 
 @admin.register(PublicModel)
-class PublicModelAdmin(admin.ModelAdmin):
+class PublicModelAdmin(ServiceAdminMixin, admin.ModelAdmin):
+    """Saved through public_model_create / public_model_update, the routes and aliases inline in the same step."""
+
     list_display = ["name", "alias_list", "default_max_tokens", "max_model_len", "created_at"]
     search_fields = ["name", "aliases__alias"]
     list_select_related = True
     inlines = [ModelRouteInline, ModelAliasInline]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).prefetch_related("aliases")
+        return public_model_list()
 
     @admin.display(description="aliases")
     def alias_list(self, model):
         return ", ".join(sorted(a.alias for a in model.aliases.all())) or "—"
 
+    def save_with_services(self, request, form, formsets, change):
+        rows = {}
+        for formset in formsets:
+            fields = MODEL_ROUTE_UPDATE_FIELDS if formset.model is ModelRoute else MODEL_ALIAS_UPDATE_FIELDS
+            rows[formset.model] = inline_changes(formset, form.instance, fields)
+        routes = RowChanges(*rows.get(ModelRoute, ((), (), ())))
+        aliases = RowChanges(*rows.get(ModelAlias, ((), (), ())))
+        data = form_data(form, PUBLIC_MODEL_UPDATE_FIELDS)
+        if change:
+            model = public_model_update(model=form.instance, data=data, routes=routes, aliases=aliases,
+                                        actor=request.user)
+        else:
+            model = public_model_create(**data, routes=routes.add, aliases=[a["alias"] for a in aliases.add],
+                                        actor=request.user)
+        adopt(form.instance, model)
+
+    def delete_with_service(self, request, obj):
+        public_model_delete(model=obj, actor=request.user)
+
 
 @admin.register(ModelRoute)
-class ModelRouteAdmin(admin.ModelAdmin):
+class ModelRouteAdmin(ServiceAdminMixin, admin.ModelAdmin):
     list_display = ["model", "upstream", "served_name", "created_at"]
     list_filter = ["upstream"]
     search_fields = ["model__name", "served_name", "upstream__name"]
     list_select_related = ["model", "upstream"]
 
+    def save_with_services(self, request, form, formsets, change):
+        data = form_data(form, MODEL_ROUTE_UPDATE_FIELDS)
+        if change:
+            route = model_route_update(route=form.instance, data=data, actor=request.user)
+        else:
+            route = model_route_create(**data, actor=request.user)
+        adopt(form.instance, route)
+
+    def delete_with_service(self, request, obj):
+        model_route_delete(route=obj, actor=request.user)
+
 
 @admin.register(ModelAlias)
-class ModelAliasAdmin(admin.ModelAdmin):
+class ModelAliasAdmin(ServiceAdminMixin, admin.ModelAdmin):
     list_display = ["alias", "model"]
     search_fields = ["alias", "model__name"]
     list_select_related = ["model"]
+
+    def save_with_services(self, request, form, formsets, change):
+        data = form_data(form, MODEL_ALIAS_UPDATE_FIELDS)
+        if change:
+            alias = model_alias_update(alias=form.instance, data=data, actor=request.user)
+        else:
+            alias = model_alias_create(**data, actor=request.user)
+        adopt(form.instance, alias)
+
+    def delete_with_service(self, request, obj):
+        model_alias_delete(alias=obj, actor=request.user)

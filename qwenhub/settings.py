@@ -167,6 +167,8 @@ QWENHUB_SIMULATOR_URL = env("QWENHUB_SIMULATOR_URL", default="http://127.0.0.1:8
 QWENHUB_MAX_BODY_BYTES = env.int("QWENHUB_MAX_BODY_BYTES", default=2 * 1024 * 1024)
 # How long an API key's record is cached in each gateway process (revocation delay).
 QWENHUB_KEY_CACHE_SECONDS = env.float("QWENHUB_KEY_CACHE_SECONDS", default=3.0)
+# Seconds between each gateway process's batched writes of API keys' last_used_at.
+QWENHUB_LAST_USED_FLUSH_SECONDS = env.float("QWENHUB_LAST_USED_FLUSH_SECONDS", default=30.0)
 # How long each gateway process caches the routing table (models, aliases, upstreams).
 QWENHUB_ROUTES_CACHE_SECONDS = env.float("QWENHUB_ROUTES_CACHE_SECONDS", default=5.0)
 # Seconds to wait for an upstream's first byte before answering 504.

@@ -1,36 +1,41 @@
 """Admin for teams, members, API keys, quota counters and the audit trail.
 
-Key hashes are never shown, searched or filterable (only the display prefix is);
+Every write goes through a service (the same ones commands and the API call), every list
+through a selector. Key hashes are never shown, searched or filterable (only the display prefix is);
 revocation goes through api_key_revoke and is recorded in the admin history. Quota
 counters are read-only: the gateway moves them, admins top them up or reset them
 through the quota services (this month only).
 """
+import copy
+
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.contrib.admin.options import csrf_protect_m
 from django.core.exceptions import ValidationError
-from django.db.models import Count
+from django.http import HttpResponseRedirect
 from django.template.response import TemplateResponse
 
 from qwenhub.admin import ReadOnlyAdminMixin
 from tenants.models import ApiKey, AuditEvent, Member, QuotaCounter, Team, TeamQuotaCounter
-from tenants.services import api_key_revoke, quota_reset, quota_top_up
+from tenants.selectors import api_key_list, member_list, member_list_for_counters, team_list
+from tenants.services import (
+    api_key_revoke,
+    api_key_update,
+    member_create,
+    member_update,
+    quota_reset,
+    quota_top_up,
+    team_create,
+    team_update,
+)
+from tenants.services.keys import API_KEY_UPDATE_FIELDS
+from tenants.services.teams import MEMBER_UPDATE_FIELDS, TEAM_UPDATE_FIELDS
 
 QUOTA_HELP = (
     "Per month; empty = unlimited. A change applies to this month at once (top-ups granted this "
     "month are kept); to give a fresh allowance, use Quota counters → “Reset for this month”."
 )
-
-
-def _apply_quota_change(request, form) -> None:
-    """After a member's quotas were edited, carry the change into the open month."""
-    from tenants.services import quota_counter_apply_quota_change
-
-    if {"request_quota", "token_quota"} & set(form.changed_data):
-        quota_counter_apply_quota_change(
-            member=form.instance, old_request_quota=form.initial.get("request_quota"),
-            old_token_quota=form.initial.get("token_quota"), actor=request.user,
-        )
 
 
 class SecretLookupsRefusedMixin:
@@ -43,6 +48,149 @@ class SecretLookupsRefusedMixin:
             return False
         return super().lookup_allowed(lookup, value, request)
 
+
+# --- Writes through services ---------------------------------------------------------------
+
+class ServiceRefused(Exception):
+    """A service raised ValidationError while the admin was saving or deleting."""
+
+    def __init__(self, error: ValidationError) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def _messages(error: ValidationError) -> list[tuple[str | None, list[str]]]:
+    if hasattr(error, "error_dict"):
+        return [(None if field == "__all__" else field, ValidationError(errors).messages)
+                for field, errors in error.error_dict.items()]
+    return [(None, error.messages)]
+
+
+def _add_refusal(form: forms.BaseForm, error: ValidationError) -> None:
+    for field, msgs in _messages(error):
+        if field is not None and field in form.fields:
+            form.add_error(field, msgs)
+        else:
+            form.add_error(None, [f"{field}: {m}" if field else m for m in msgs])
+
+
+def form_data(form: forms.BaseForm, fields) -> dict:
+    """The form's cleaned values of the given fields (the service works out which changed)."""
+    return {f: form.cleaned_data[f] for f in fields if f in form.cleaned_data}
+
+
+def adopt(instance, saved) -> None:
+    """Make the admin's unsaved form instance the row a service saved (the admin redirects and logs with it)."""
+    for field in saved._meta.concrete_fields:
+        setattr(instance, field.attname, getattr(saved, field.attname))
+    instance._state.adding, instance._state.db = False, saved._state.db
+
+
+def inline_changes(formset, parent, fields):
+    """Read a validated inline formset as (rows to add, rows to change, rows to delete).
+
+    Also sets new_objects/changed_objects/deleted_objects, which the admin's change message reads
+    (formset.save(), which would set them, is never called: the service writes the rows).
+    """
+    fields = [f for f in fields if f != formset.fk.name]  # the parent is the page's object, not an edit
+    to_delete = set(formset.deleted_forms)
+    added, changed, deleted = [], [], []
+    formset.new_objects, formset.changed_objects, formset.deleted_objects = [], [], []
+    for form in formset.initial_forms:
+        if form.instance.pk is None:
+            continue
+        if form in to_delete:
+            deleted.append(form.instance)
+            formset.deleted_objects.append(form.instance)
+        elif form.has_changed():
+            changed.append((form.instance, form_data(form, fields)))
+            formset.changed_objects.append((form.instance, form.changed_data))
+    for form in formset.extra_forms:
+        if not form.has_changed() or form in to_delete:
+            continue
+        added.append(form_data(form, fields))
+        setattr(form.instance, formset.fk.name, parent)
+        formset.new_objects.append(form.instance)
+    return added, changed, deleted
+
+
+class ServiceAdminMixin:
+    """An admin whose writes are services: subclasses implement save_with_services (and delete_with_service).
+
+    Services open their own durable transaction, so the add, change and delete views are not
+    wrapped in the admin's usual one. A ValidationError from a service while saving shows on
+    the form (the POST is validated again with the service's errors added, so nothing is
+    saved); while deleting, as an error message. The admin's LogEntry is written after the
+    service succeeded.
+    """
+
+    # Django's changeform_view and delete_view are these same bodies (_changeform_view,
+    # _delete_view) inside transaction.atomic(), in which a durable service cannot run.
+    @csrf_protect_m
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        try:
+            return self._changeform_view(request, object_id, form_url, extra_context)
+        except ServiceRefused as refused:
+            request._service_refusal = refused.error
+            return self._changeform_view(request, object_id, form_url, extra_context)
+
+    def get_form(self, request, obj=None, change=False, **kwargs):
+        form_class = super().get_form(request, obj, change, **kwargs)
+        refusal = getattr(request, "_service_refusal", None)
+        if refusal is None:
+            return form_class
+
+        class RefusedForm(form_class):
+            def clean(self):
+                data = super().clean()
+                _add_refusal(self, refusal)
+                return data
+
+        return RefusedForm
+
+    def save_model(self, request, obj, form, change):
+        pass  # save_related does the whole save, with the inlines, through the services
+
+    def save_related(self, request, form, formsets, change):
+        try:
+            self.save_with_services(request, form, formsets, change)
+        except ValidationError as exc:
+            raise ServiceRefused(exc) from exc
+
+    def save_with_services(self, request, form, formsets, change) -> None:
+        raise NotImplementedError
+
+    def delete_with_service(self, request, obj) -> None:
+        raise NotImplementedError
+
+    @csrf_protect_m
+    def delete_view(self, request, object_id, extra_context=None):
+        try:
+            return self._delete_view(request, object_id, extra_context)
+        except ServiceRefused as refused:
+            self.message_user(request, " ".join(refused.error.messages), messages.ERROR)
+            return HttpResponseRedirect(request.path)
+
+    def log_deletions(self, request, queryset):
+        return []  # logged by delete_model, once the service has deleted the row
+
+    def delete_model(self, request, obj):
+        logged = copy.copy(obj)  # keeps the pk the log needs
+        try:
+            self.delete_with_service(request, obj)
+        except ValidationError as exc:
+            raise ServiceRefused(exc) from exc
+        super().log_deletions(request, [logged])
+
+    def delete_queryset(self, request, queryset):
+        for obj in queryset:
+            try:
+                self.delete_model(request, obj)
+            except ServiceRefused as refused:
+                self.message_user(request, f"{obj}: {' '.join(refused.error.messages)}", messages.ERROR)
+
+
+# --- Teams and members ------------------------------------------------------------------------
 
 class MemberInlineForm(forms.ModelForm):
     class Meta:
@@ -68,11 +216,13 @@ class MemberInline(admin.TabularInline):
         return False
 
     def get_queryset(self, request):
-        return super().get_queryset(request).select_related("user", "team").order_by("user__username")
+        return member_list()
 
 
 @admin.register(Team)
-class TeamAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
+class TeamAdmin(ServiceAdminMixin, SecretLookupsRefusedMixin, admin.ModelAdmin):
+    """Saved through team_create / team_update (the members inline in the same transaction)."""
+
     list_display = ["slug", "name", "monthly_cost", "currency", "timezone", "token_cap", "member_count", "created_at"]
     search_fields = ["slug", "name"]
     list_filter = ["currency"]
@@ -81,21 +231,35 @@ class TeamAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
     readonly_fields = ["created_at", "updated_at"]
 
     def get_queryset(self, request):
-        return super().get_queryset(request).annotate(_member_count=Count("members"))
+        return team_list()
 
-    def save_formset(self, request, form, formset, change):
-        super().save_formset(request, form, formset, change)
-        for member_form in formset.forms:
-            if member_form.instance.pk:
-                _apply_quota_change(request, member_form)
+    def has_delete_permission(self, request, obj=None):
+        return False  # members, usage and the audit trail point at teams
 
-    @admin.display(description="members", ordering="_member_count")
+    def save_with_services(self, request, form, formsets, change):
+        members = []
+        for formset in formsets:  # members are only changed here (never added or deleted)
+            _added, changed, _deleted = inline_changes(formset, form.instance, MEMBER_UPDATE_FIELDS)
+            members += changed
+        if not change:
+            data = form.cleaned_data
+            team = team_create(slug=data["slug"], name=data["name"], timezone_name=data["timezone"],
+                               currency=data["currency"], monthly_cost=data["monthly_cost"],
+                               token_cap=data.get("token_cap"), actor=request.user)
+            adopt(form.instance, team)
+            return
+        team_update(team=form.instance, data=form_data(form, TEAM_UPDATE_FIELDS), members=members,
+                    actor=request.user)
+
+    @admin.display(description="members", ordering="member_count")
     def member_count(self, team):
-        return team._member_count
+        return team.member_count
 
 
 @admin.register(Member)
-class MemberAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
+class MemberAdmin(ServiceAdminMixin, SecretLookupsRefusedMixin, admin.ModelAdmin):
+    """Saved through member_create / member_update (a changed quota reaches this month in the same step)."""
+
     list_display = ["user", "team", "role", "request_quota", "token_quota", "requests_per_minute",
                     "max_concurrent_requests", "is_active"]
     list_filter = ["team", "role", "is_active"]
@@ -113,14 +277,21 @@ class MemberAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
         (None, {"fields": ["created_at", "updated_at"]}),
     ]
 
-    def save_model(self, request, obj, form, change):
-        super().save_model(request, obj, form, change)
-        if change:
-            _apply_quota_change(request, form)
+    def has_delete_permission(self, request, obj=None):
+        return False  # usage and the audit trail point at members; deactivate instead
 
     def get_readonly_fields(self, request, obj=None):
         # Moving a member (and their usage history) to another user or team is not an edit.
         return [*self.readonly_fields, "user", "team"] if obj else self.readonly_fields
+
+    def save_with_services(self, request, form, formsets, change):
+        data = form_data(form, MEMBER_UPDATE_FIELDS)
+        if change:
+            member = member_update(member=form.instance, data=data, actor=request.user)
+        else:
+            member = member_create(team=form.cleaned_data["team"], user=form.cleaned_data["user"], **data,
+                                   actor=request.user)
+        adopt(form.instance, member)
 
 
 class KeyStatusFilter(admin.SimpleListFilter):
@@ -139,7 +310,7 @@ class KeyStatusFilter(admin.SimpleListFilter):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
+class ApiKeyAdmin(ServiceAdminMixin, SecretLookupsRefusedMixin, admin.ModelAdmin):
     """Keys are issued with create_key or the dashboard (the raw key is shown once), never here."""
 
     list_display = ["prefix", "label", "member", "team", "created_at", "last_used_at", "expires_at", "revoked_at"]
@@ -158,7 +329,11 @@ class ApiKeyAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
         return False  # usage rows point at keys; revoke instead
 
     def get_queryset(self, request):
-        return super().get_queryset(request).defer("key_hash")
+        return api_key_list()
+
+    def save_with_services(self, request, form, formsets, change):
+        adopt(form.instance, api_key_update(key=form.instance, data=form_data(form, API_KEY_UPDATE_FIELDS),
+                                            actor=request.user))
 
     @admin.display(description="team", ordering="member__team__slug")
     def team(self, key):
@@ -167,7 +342,7 @@ class ApiKeyAdmin(SecretLookupsRefusedMixin, admin.ModelAdmin):
     @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke_selected(self, request, queryset):
         revoked = 0
-        for key in queryset.select_related("member__team", "member__user").order_by("pk"):
+        for key in api_key_list(ids=queryset.values("pk")).order_by("pk"):
             try:
                 api_key_revoke(key=key, actor=request.user, reason="revoked in the admin")
             except ValidationError as exc:
@@ -253,8 +428,7 @@ class QuotaCounterAdmin(ReadOnlyAdminMixin, SecretLookupsRefusedMixin, admin.Mod
 
     def _quota_action(self, request, queryset, form_class, action, title, apply, describe):
         """Ask for the amount and reason, then call the service once per selected member."""
-        member_ids = queryset.values_list("member_id", flat=True).distinct()
-        members = list(Member.objects.select_related("user", "team").filter(pk__in=member_ids).order_by("pk"))
+        members = member_list_for_counters(counters=queryset)
         form = form_class(request.POST if "apply" in request.POST else None)
         if "apply" in request.POST and form.is_valid():
             done = 0

@@ -149,14 +149,27 @@ class AuditEvent(models.Model):
 
     class Kind(models.TextChoices):
         TEAM_CREATED = "team_created"
+        TEAM_UPDATED = "team_updated"
         MEMBER_ADDED = "member_added"
         MEMBER_UPDATED = "member_updated"
         KEY_ISSUED = "key_issued"
         KEY_IMPORTED = "key_imported"
         KEY_REVOKED = "key_revoked"
+        KEY_UPDATED = "key_updated"
         QUOTA_TOPPED_UP = "quota_topped_up"
         QUOTA_RESET = "quota_reset"
         UPSTREAM_ADDED = "upstream_added"
+        UPSTREAM_UPDATED = "upstream_updated"
+        UPSTREAM_DELETED = "upstream_deleted"
+        MODEL_ADDED = "model_added"
+        MODEL_UPDATED = "model_updated"
+        MODEL_DELETED = "model_deleted"
+        ROUTE_ADDED = "route_added"
+        ROUTE_UPDATED = "route_updated"
+        ROUTE_DELETED = "route_deleted"
+        ALIAS_ADDED = "alias_added"
+        ALIAS_UPDATED = "alias_updated"
+        ALIAS_DELETED = "alias_deleted"
 
     team = models.ForeignKey(Team, on_delete=models.PROTECT, null=True, blank=True, related_name="audit_events")
     member = models.ForeignKey(Member, on_delete=models.PROTECT, null=True, blank=True, related_name="audit_events")

@@ -1,7 +1,10 @@
-"""Reads for the member's own pages: one member's quota, keys and history, nothing else."""
+"""Reads: the member's own pages (one member's quota, keys and history) and the admin's lists."""
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tenants.models import ApiKey, AuditEvent, Member, QuotaCounter
+from django.db.models import Count, QuerySet
+
+from tenants.models import ApiKey, AuditEvent, Member, QuotaCounter, Team
 from tenants.periods import period_reset_at, period_start_for
 
 
@@ -41,3 +44,34 @@ def member_history(*, member: Member, limit: int = 50):
 
 def memberships_for_user(*, user):
     return Member.objects.filter(user=user, is_active=True).select_related("team").order_by("team__slug")
+
+
+# --- Admin lists ------------------------------------------------------------------------
+
+def team_list() -> QuerySet[Team]:
+    """Teams, each with member_count (one query for a whole page)."""
+    return Team.objects.annotate(member_count=Count("members"))
+
+
+def member_list(*, team: Team | None = None, ids: Iterable[int] | None = None) -> QuerySet[Member]:
+    """Members with their user and team (their name is user@team), by username."""
+    members = Member.objects.select_related("user", "team")
+    if team is not None:
+        members = members.filter(team=team)
+    if ids is not None:
+        members = members.filter(pk__in=ids)
+    return members.order_by("user__username", "pk")
+
+
+def member_list_for_counters(*, counters: QuerySet[QuotaCounter]) -> list[Member]:
+    """The members whose quota counters these are, once each, in id order."""
+    return list(Member.objects.select_related("user", "team")
+                .filter(pk__in=counters.values("member_id")).order_by("pk"))
+
+
+def api_key_list(*, ids: Iterable[int] | None = None) -> QuerySet[ApiKey]:
+    """Keys with their member, user and team; the hash is never loaded (lists must not show it)."""
+    keys = ApiKey.objects.select_related("member__user", "member__team").defer("key_hash")
+    if ids is not None:
+        keys = keys.filter(pk__in=ids)
+    return keys

@@ -4,21 +4,32 @@ Each gateway process keeps a small dict {key hash → KeyInfo} for
 QWENHUB_KEY_CACHE_SECONDS (default 3 s), so a revoked or expired key, or a
 deactivated member, stops working on every process within that time without
 any cross-process messaging. A miss costs one SELECT with joins.
+
+Authentication does no writes: it notes in a dict that key K was used at time T, and a
+background task started by the first authentication writes the noted times every
+QWENHUB_LAST_USED_FLUSH_SECONDS (default 30 s) in one UPDATE, which never moves
+last_used_at backwards (several processes flush independently). The gateway's shutdown
+calls stop_last_used_flusher(), which writes what is still noted.
 """
 import asyncio
+import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
 
 from django.conf import settings
+from django.db.models import Case, DateTimeField, Q, Value, When
 from django.utils import timezone
 
 from proxy.gateway.db import run_db
 from tenants.keys import api_key_hash, api_key_is_plausible
 from tenants.models import ApiKey
 
+log = logging.getLogger("qwenhub.gateway")
+
 _MAX_ENTRIES = 50_000
-_LAST_USED_EVERY = 60.0  # seconds between last_used_at writes per key and process
+_LAST_USED_BATCH = 1_000  # keys per UPDATE statement (a flush of more keys takes several)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +59,9 @@ class KeyInfo:
 
 _cache: dict[str, tuple[float, KeyInfo | None]] = {}
 _loading: dict[str, asyncio.Task] = {}
-_last_used_written: dict[int, float] = {}
+# key id → when this process last authenticated it, not yet written
+_last_used_pending: dict[int, datetime] = {}
+_flusher: asyncio.Task | None = None
 
 
 def _load(key_hash: str) -> KeyInfo | None:
@@ -68,10 +81,6 @@ def _load(key_hash: str) -> KeyInfo | None:
         return None
     member = key.member
     allowed = frozenset(member.allowed_models.values_list("id", flat=True))
-    now = time.monotonic()
-    if now - _last_used_written.get(key.pk, 0.0) > _LAST_USED_EVERY:
-        _last_used_written[key.pk] = now
-        ApiKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
     return KeyInfo(
         key_id=key.pk, member_id=member.pk, team_id=member.team_id, username=member.user.username,
         team_timezone=member.team.timezone, team_token_cap=member.team.token_cap,
@@ -110,9 +119,70 @@ async def authenticate(raw_key: str | None) -> KeyInfo | None:
         if task is None:
             task = _loading[key_hash] = asyncio.ensure_future(_load_and_cache(key_hash))
         info = await asyncio.shield(task)
-    if info is None or not info.is_valid(timezone.now()):
+    used_at = timezone.now()
+    if info is None or not info.is_valid(used_at):
         return None
+    _last_used_pending[info.key_id] = used_at
+    if _flusher is None or _flusher.done() or _flusher.get_loop() is not asyncio.get_running_loop():
+        _start_last_used_flusher()
     return info
+
+
+# --- last_used_at, written off the request path ------------------------------------------------
+
+def _write_last_used(batch: dict[int, datetime]) -> int:
+    """Write the batch's times with one UPDATE per _LAST_USED_BATCH keys; never move a time backwards."""
+    written = 0
+    items = sorted(batch.items())  # a fixed order, so concurrent flushes lock rows alike
+    for i in range(0, len(items), _LAST_USED_BATCH):
+        chunk = items[i:i + _LAST_USED_BATCH]
+        used_at = Case(*(When(pk=pk, then=Value(t)) for pk, t in chunk), output_field=DateTimeField())
+        written += (ApiKey.objects.filter(pk__in=[pk for pk, _ in chunk])
+                    .filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=used_at))
+                    .update(last_used_at=used_at))
+    return written
+
+
+async def flush_last_used() -> int:
+    """Write the noted last-use times now; return how many keys' times were written."""
+    if not _last_used_pending:
+        return 0
+    batch = _last_used_pending.copy()
+    _last_used_pending.clear()
+    try:
+        return await run_db(_write_last_used, batch)
+    except BaseException:
+        for pk, used_at in batch.items():
+            _last_used_pending.setdefault(pk, used_at)  # a time noted since is later: keep it
+        raise
+
+
+async def _flush_last_used_forever() -> None:
+    while True:
+        await asyncio.sleep(settings.QWENHUB_LAST_USED_FLUSH_SECONDS)
+        try:
+            await flush_last_used()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.warning("could not write last_used_at; retrying at the next flush", exc_info=True)
+
+
+def _start_last_used_flusher() -> None:
+    global _flusher
+    _flusher = asyncio.get_running_loop().create_task(_flush_last_used_forever(), name="qwenhub-last-used")
+
+
+async def stop_last_used_flusher() -> None:
+    """Stop the background flush and write what is still noted (the gateway's shutdown calls this)."""
+    global _flusher
+    task, _flusher = _flusher, None
+    if task is not None and not task.done():
+        task.cancel()
+        if task.get_loop() is asyncio.get_running_loop():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    await flush_last_used()
 
 
 def forget_all() -> None:

@@ -1,5 +1,6 @@
 """Writes for API keys: issue (the raw key is returned once), revoke, import from another system."""
 import json
+from collections.abc import Mapping
 from datetime import timedelta
 
 from django.core.exceptions import ValidationError
@@ -9,6 +10,7 @@ from django.utils import timezone
 from tenants.keys import api_key_display_prefix, api_key_generate, api_key_hash, api_key_is_plausible
 from tenants.models import ApiKey, AuditEvent, Member, Team
 from tenants.services.audit import audit_record as _audit
+from tenants.services.audit import fields_apply, update_fields
 from tenants.services.quotas import quota_counter_charge_imported
 from tenants.services.teams import member_add
 
@@ -19,6 +21,9 @@ IMPORT_NOT_OBJECT = "The import file must hold a JSON object: {\"alice\": {\"key
 IMPORT_ENTRY_INVALID = "Entry {name!r}: {problem}."
 IMPORT_DUPLICATE_NAME = "The name {name!r} appears more than once in the import file."
 IMPORT_KEY_EXISTS = "Entry {name!r}: that key is already registered."
+
+# A key's secret, owner and dates are not edits: revoke it and issue another.
+API_KEY_UPDATE_FIELDS = ("label",)
 
 
 def _api_key_store(*, member: Member, raw: str, label: str, expires_at=None, kind: str, actor=None) -> ApiKey:
@@ -60,6 +65,20 @@ def api_key_revoke(*, key: ApiKey, actor=None, reason: str = "") -> ApiKey:
     _audit(kind=AuditEvent.Kind.KEY_REVOKED, team=key.member.team, member=key.member, actor=actor,
            subject_id=key.pk, reason=reason, data={"prefix": key.prefix})
     return key
+
+
+@transaction.atomic(durable=True)
+def api_key_update(*, key: ApiKey, data: Mapping[str, object], actor=None, reason: str = "") -> ApiKey:
+    """Change a key's label (API_KEY_UPDATE_FIELDS); a call that changes nothing writes nothing."""
+    locked = ApiKey.objects.select_for_update(no_key=True, of=("self",)).select_related("member__team").defer(
+        "key_hash").get(pk=key.pk)
+    changes = fields_apply(instance=locked, data=data, fields=API_KEY_UPDATE_FIELDS)
+    if changes:
+        locked.full_clean(exclude=["member", "key_hash"], validate_unique=False, validate_constraints=False)
+        locked.save(update_fields=update_fields(changes, locked))
+        _audit(kind=AuditEvent.Kind.KEY_UPDATED, team=locked.member.team, member=locked.member, actor=actor,
+               subject_id=locked.pk, reason=reason, data={"prefix": locked.prefix, "changed": changes})
+    return locked
 
 
 def _import_entry(name, entry) -> tuple[str, int | None, int]:

@@ -12,6 +12,7 @@ from tenants.periods import period_start_for
 
 QUOTA_AMOUNT_INVALID = "A top-up must add a positive number of requests or tokens."
 QUOTA_UNLIMITED = "{member}'s {what} quota is unlimited this month: there is nothing to top up."
+QUOTA_CHANGE_REASON = "monthly quota changed"
 
 
 def quota_counter_open(*, member: Member, period_start=None) -> QuotaCounter:
@@ -96,6 +97,27 @@ def _carried_limit(limit: int | None, old_quota: int | None, new_quota: int | No
     return max(new_quota + top_ups, floor)
 
 
+def quota_counter_carry(*, member: Member, old_request_quota: int | None,
+                        old_token_quota: int | None) -> tuple[QuotaCounter | None, dict | None]:
+    """Move the open month's limits after the member's quotas changed; return the counter and audit data.
+
+    The audit data is None when nothing moved. Callers hold a transaction (the counter is locked).
+    """
+    start = period_start_for(member.team.timezone)
+    counter = (QuotaCounter.objects.select_for_update(no_key=True)
+               .filter(member=member, period_start=start).first())
+    if counter is None or (old_request_quota, old_token_quota) == (member.request_quota, member.token_quota):
+        return counter, None
+    counter.request_limit = _carried_limit(counter.request_limit, old_request_quota, member.request_quota,
+                                           counter.requests_used + counter.requests_reserved)
+    counter.token_limit = _carried_limit(counter.token_limit, old_token_quota, member.token_quota,
+                                         counter.tokens_used + counter.tokens_reserved)
+    counter.save(update_fields=["request_limit", "token_limit"])
+    data = {"period": start.isoformat(), "request_quota": member.request_quota, "token_quota": member.token_quota,
+            "request_limit": counter.request_limit, "token_limit": counter.token_limit}
+    return counter, data
+
+
 @transaction.atomic
 def quota_counter_apply_quota_change(*, member: Member, old_request_quota: int | None,
                                      old_token_quota: int | None, actor=None) -> QuotaCounter | None:
@@ -104,21 +126,13 @@ def quota_counter_apply_quota_change(*, member: Member, old_request_quota: int |
     The new limit is quota + this month's top-ups, never below what is used or in flight
     (a lowered quota can exhaust the month, not undo it). Without an open counter there is
     nothing to do: the month's counter will copy the new quotas when it opens.
+    (member_update does this itself, in the same transaction as the quota change.)
     """
-    start = period_start_for(member.team.timezone)
-    counter = (QuotaCounter.objects.select_for_update(no_key=True)
-               .filter(member=member, period_start=start).first())
-    if counter is None or (old_request_quota, old_token_quota) == (member.request_quota, member.token_quota):
-        return counter
-    counter.request_limit = _carried_limit(counter.request_limit, old_request_quota, member.request_quota,
-                                           counter.requests_used + counter.requests_reserved)
-    counter.token_limit = _carried_limit(counter.token_limit, old_token_quota, member.token_quota,
-                                         counter.tokens_used + counter.tokens_reserved)
-    counter.save(update_fields=["request_limit", "token_limit"])
-    AuditEvent.objects.create(
-        kind=AuditEvent.Kind.MEMBER_UPDATED, team=member.team, member=member, actor=actor, subject_id=member.pk,
-        reason="monthly quota changed",
-        data={"period": start.isoformat(), "request_quota": member.request_quota, "token_quota": member.token_quota,
-              "request_limit": counter.request_limit, "token_limit": counter.token_limit},
-    )
+    counter, data = quota_counter_carry(member=member, old_request_quota=old_request_quota,
+                                        old_token_quota=old_token_quota)
+    if data is not None:
+        AuditEvent.objects.create(
+            kind=AuditEvent.Kind.MEMBER_UPDATED, team=member.team, member=member, actor=actor, subject_id=member.pk,
+            reason=QUOTA_CHANGE_REASON, data=data,
+        )
     return counter
