@@ -17,6 +17,7 @@ from proxy.gateway import errors, forwarding, ledger
 from proxy.gateway.errors import ApiError
 from proxy.gateway.exchange import JSON_HEADERS, ClientGone, Exchange
 from proxy.gateway.fairness import FairQueue
+from proxy.gateway.keys import stop_last_used_flusher
 from proxy.gateway.limits import RateLimiter
 from proxy.gateway.observability import GatewayCollector, may_scrape, render
 from proxy.gateway.request import ENDPOINTS, Request, key_for, log_request, plan, resolve_model
@@ -61,6 +62,7 @@ class Gateway:
         await self.router.stop()
         await self.limits.close()
         await self.fair_queue.close()
+        await stop_last_used_flusher()  # writes the last uses still noted
         await ledger.close()
 
     async def __call__(self, scope, receive, send) -> None:

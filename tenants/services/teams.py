@@ -6,7 +6,6 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from proxy.models import PublicModel
 from tenants.models import AuditEvent, Member, Team
 from tenants.services.audit import audit_record as _audit
 from tenants.services.audit import fields_apply, update_fields
@@ -108,12 +107,14 @@ def _team_change(*, team: Team, data: Mapping[str, object]) -> tuple[Team, dict]
     return locked, changes
 
 
-def _allowed_models_apply(member: Member, models: Iterable[PublicModel | int]) -> dict | None:
-    new_ids = {m.pk if isinstance(m, PublicModel) else int(m) for m in models}
+def _allowed_models_apply(member: Member, models: Iterable) -> dict | None:
+    new_ids = {int(getattr(m, "pk", m)) for m in models}  # model rows or their ids
     old_ids = set(member.allowed_models.values_list("pk", flat=True))
     if new_ids == old_ids:
         return None
-    names = dict(PublicModel.objects.filter(pk__in=old_ids | new_ids).values_list("pk", "name"))
+    # The catalog's model, reached through the relation: tenants imports no other app.
+    catalog = Member.allowed_models.field.related_model
+    names = dict(catalog.objects.filter(pk__in=old_ids | new_ids).values_list("pk", "name"))
     if len(names) < len(old_ids | new_ids):
         raise ValidationError({"allowed_models": "Unknown model."})
     member.allowed_models.set(sorted(new_ids))
@@ -187,7 +188,7 @@ def member_update(*, member: Member, data: Mapping[str, object], actor=None, rea
 def member_create(*, team: Team, user, role: str = Member.Role.MEMBER, request_quota: int | None = None,
                   token_quota: int | None = None, requests_per_minute: int | None = None,
                   tokens_per_minute: int | None = None, max_concurrent_requests: int | None = None,
-                  weight: int = 1, is_active: bool = True, allowed_models: Iterable[PublicModel | int] = (),
+                  weight: int = 1, is_active: bool = True, allowed_models: Iterable = (),
                   actor=None, reason: str = "") -> Member:
     """Make an existing user a member of team (member_add creates the user as well)."""
     if Member.objects.filter(team=team, user=user).exists():
