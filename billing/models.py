@@ -6,6 +6,8 @@ money and the allocation policies are pure code (billing.money, billing.policies
 from decimal import Decimal
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
@@ -56,6 +58,35 @@ class UsageRecord(models.Model):
         return self.request_id
 
 
+MODEL_WEIGHTS_INVALID = 'Model weights must be an object of model name → non-negative number, e.g. {"qwen2.5-72b": "3"}.'
+PUBLIC_PRICES_INVALID = ('Public prices must be an object of model name → {"prompt": price, "completion": price} '
+                         'per 1M tokens, non-negative numbers, e.g. {"qwen2.5-7b-instruct": {"prompt": "0.3", '
+                         '"completion": "0.6"}}.')
+
+
+def _non_negative_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, str, float)):
+        return False
+    try:
+        number = Decimal(str(value))
+    except ArithmeticError:
+        return False
+    return number.is_finite() and number >= 0
+
+
+def validate_model_weights(value) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and _non_negative_number(v) for k, v in value.items()):
+        raise ValidationError(MODEL_WEIGHTS_INVALID)
+
+
+def validate_public_prices(value) -> None:
+    ok = isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, dict) and set(v) <= {"prompt", "completion"} and v
+        and all(_non_negative_number(p) for p in v.values()) for k, v in value.items())
+    if not ok:
+        raise ValidationError(PUBLIC_PRICES_INVALID)
+
+
 # Money amounts: 3 decimal places cover every currency's minor unit (JPY 0, CNY 2, KWD 3);
 # services store amounts already rounded to the period's currency (billing.money.quantize).
 AMOUNT = {"max_digits": 16, "decimal_places": 3}
@@ -82,12 +113,13 @@ class BillingPolicy(TimestampedModel):
 
     team = models.OneToOneField("tenants.Team", on_delete=models.PROTECT, related_name="billing_policy")
     kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.USAGE)
-    prompt_weight = models.DecimalField(**WEIGHT, default=Decimal(1))
-    completion_weight = models.DecimalField(**WEIGHT, default=Decimal(1))
+    prompt_weight = models.DecimalField(**WEIGHT, default=Decimal(1), validators=[MinValueValidator(0)])
+    completion_weight = models.DecimalField(**WEIGHT, default=Decimal(1), validators=[MinValueValidator(0)])
     # {"model name": "weight"} (decimal strings); a model left out weighs 1.
-    model_weights = models.JSONField(default=dict, blank=True)
+    model_weights = models.JSONField(default=dict, blank=True, validators=[validate_model_weights])
     # base_plus_usage: the part of the cost split equally (0..1).
-    base_share = models.DecimalField(max_digits=7, decimal_places=6, default=Decimal("0.5"))
+    base_share = models.DecimalField(max_digits=7, decimal_places=6, default=Decimal("0.5"),
+                                     validators=[MinValueValidator(0), MaxValueValidator(1)])
     quota_unit = models.CharField(max_length=16, choices=QuotaUnit.choices, default=QuotaUnit.TOKENS)
     # seed_rate: who pays the capacity nobody used (null: it stays unallocated).
     idle_payer = models.ForeignKey("tenants.Member", on_delete=models.PROTECT, null=True, blank=True,
@@ -96,7 +128,7 @@ class BillingPolicy(TimestampedModel):
     grace_days = models.PositiveSmallIntegerField(default=0)
     # Optional public API list prices per 1M tokens, for the "what it would have cost" view:
     # {"model name": {"prompt": "0.30", "completion": "0.60"}} in the team's currency.
-    public_prices = models.JSONField(default=dict, blank=True)
+    public_prices = models.JSONField(default=dict, blank=True, validators=[validate_public_prices])
 
     class Meta:
         verbose_name_plural = "billing policies"
