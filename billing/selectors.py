@@ -184,7 +184,7 @@ def share_of(amount: Decimal, cost: Decimal) -> Decimal:
 def period_split(*, team: Team, start: date, cost: Decimal, params: PolicyParams) -> tuple[list[BilledMember], Split]:
     """The members of the period and the split of `cost` among them: what the close writes and the report projects."""
     billed = period_billed_members(team=team, start=start)
-    split = split_cost(quantize(cost, team.currency), [b.month for b in billed], params, team.currency)
+    split = split_cost(quantize(Decimal(str(cost)), team.currency), [b.month for b in billed], params, team.currency)
     return billed, split
 
 
@@ -193,7 +193,7 @@ def cost_report(*, team: Team, start: date) -> CostReport:
     period = period_get(team=team, start=start)
     if period is not None and period.status != BillingPeriod.Status.OPEN:
         return _closed_report(period)
-    cost = quantize(team.monthly_cost, team.currency)
+    cost = quantize(Decimal(str(team.monthly_cost)), team.currency)
     billed, split = period_split(team=team, start=start, cost=cost,
                                  params=policy_params(billing_policy_for_team(team=team)))
     rows = [ShareRow(b.member.pk, b.member.user.get_username(), b.month.requests,
