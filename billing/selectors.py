@@ -44,11 +44,17 @@ def billing_policy_for_team(*, team: Team) -> BillingPolicy:
         return BillingPolicy(team=team)
 
 
+def _exact(value) -> Decimal:
+    """A stored decimal without the column's trailing zeros (1.000000 → 1, 0.500000 → 0.5), exactly."""
+    number = Decimal(str(value))
+    return number.quantize(Decimal(1)) if number == number.to_integral_value() else number.normalize()
+
+
 def policy_params(policy: BillingPolicy) -> PolicyParams:
     return PolicyParams(
-        kind=policy.kind, prompt_weight=Decimal(policy.prompt_weight), completion_weight=Decimal(policy.completion_weight),
-        model_weights={name: Decimal(str(w)) for name, w in (policy.model_weights or {}).items()},
-        base_share=Decimal(policy.base_share), quota_unit=policy.quota_unit, idle_payer_id=policy.idle_payer_id,
+        kind=policy.kind, prompt_weight=_exact(policy.prompt_weight), completion_weight=_exact(policy.completion_weight),
+        model_weights={name: _exact(w) for name, w in (policy.model_weights or {}).items()},
+        base_share=_exact(policy.base_share), quota_unit=policy.quota_unit, idle_payer_id=policy.idle_payer_id,
     )
 
 

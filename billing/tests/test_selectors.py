@@ -123,3 +123,17 @@ def test_seed_rate_bills_the_idle_capacity_to_the_named_payer_on_its_own_line():
                                                                      pi.pk: D("2550.00")}
     assert period.idle == D("2550.00") and period.unallocated == D("0.00")
     assert InvoiceLine.objects.get(invoice__member=pi).kind == "idle"
+
+
+@pytest.mark.django_db
+def test_a_stored_policy_reads_back_exactly_and_its_sentence_has_no_trailing_zeros():
+    from billing.selectors import billing_policy_for_team, policy_params, policy_params_from_json, policy_params_to_json
+    team = TeamFactory()
+    billing_policy_update(team=team, completion_weight=D("2.5"), model_weights={"big": "3"})
+    params = policy_params(billing_policy_for_team(team=team))
+    assert (params.prompt_weight, params.completion_weight, params.model_weights) == (D(1), D("2.5"), {"big": D(3)})
+    assert policy_params_from_json(policy_params_to_json(params)) == params
+    a = MemberJoinedFactory(team=team)
+    usage(a, NOV, prompt=1, completion=1)
+    assert "prompt tokens weighted 1 and completion tokens 2.5 and by model." in cost_report(
+        team=team, start=NOV).explanation
