@@ -23,7 +23,7 @@ def billing_policy_get_or_create(*, team: Team, actor=None) -> BillingPolicy:
     return policy
 
 
-@transaction.atomic(durable=True)
+@transaction.atomic  # not durable: the admin's change form calls it inside its own transaction
 def billing_policy_update(*, team: Team, actor=None, reason: str = "", **changes) -> BillingPolicy:
     """Change the team's policy; the next close uses it (closed periods keep their snapshot)."""
     unknown = set(changes) - set(POLICY_FIELDS)
