@@ -80,7 +80,8 @@ def invoices_write_drafts(*, period: BillingPeriod, draft: Draft) -> list[Invoic
     billed this month. Usage, idle and base lines are rewritten; adjustment lines are kept
     and added once each (their OneToOne to the adjustment forbids a second).
     """
-    assert period.status != BillingPeriod.Status.FINALIZED
+    if period.status == BillingPeriod.Status.FINALIZED:
+        raise RuntimeError(f"{period} is finalized: its invoices are issued and never rewritten")
     currency, cost = period.currency, period.cost
     months = {m.member_id: m for m in draft.months}
     adjustments = list(InvoiceAdjustment.objects.filter(period=period).select_related("corrects").order_by("pk"))

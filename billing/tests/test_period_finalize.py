@@ -146,3 +146,26 @@ def test_two_finalizes_of_one_team_at_once_take_distinct_numbers():
     assert sorted(Invoice.objects.values_list("sequence", flat=True)) == [1, 2, 3, 4, 5, 6]
     assert Invoice.objects.values("number").distinct().count() == 6
     assert AuditEvent.objects.filter(data__action="billing.period_finalized").count() == 2
+
+
+@pytest.mark.django_db
+def test_the_database_refuses_to_change_an_issued_invoice_or_its_lines():
+    from django.db import IntegrityError, transaction
+    period, (a, b, c) = _closed()
+    draft = period.invoices.get(member=a)
+    Invoice.objects.filter(pk=draft.pk).update(share=draft.share)  # a draft may change
+    period_finalize(period=period)
+    issued = period.invoices.get(member=a)
+    line = issued.lines.first()
+    attempts = [
+        lambda: Invoice.objects.filter(pk=issued.pk).update(amount=0),
+        lambda: Invoice.objects.filter(pk=issued.pk).delete(),
+        lambda: InvoiceLine.objects.filter(pk=line.pk).update(amount=0),
+        lambda: InvoiceLine.objects.filter(pk=line.pk).delete(),
+        lambda: InvoiceLine.objects.create(invoice=issued, kind="base", amount=1),
+    ]
+    for attempt in attempts:
+        with pytest.raises(IntegrityError, match="is issued|protected foreign keys"), transaction.atomic():
+            attempt()
+    issued.refresh_from_db()
+    assert issued.amount == D("2000.00") and issued.lines.count() == 1
