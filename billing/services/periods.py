@@ -149,7 +149,7 @@ def period_close(*, team: Team, start: date, actor=None, now: datetime | None = 
                   "policy": policy_params_to_json(params, public_prices=policy.public_prices),
                   "applied_policy": split.policy, "explanation": split.explanation, "allocated": split.allocated,
                   "idle": split.idle, "unallocated": split.unallocated, "fell_back": split.fell_back,
-                  "released_reservations": released, "closed_at": now, "updated_at": now}
+                  "released_reservations": released, "closed_at": timezone.now(), "updated_at": timezone.now()}
         moved = BillingPeriod.objects.filter(pk=period.pk, status=BillingPeriod.Status.OPEN).update(
             status=BillingPeriod.Status.CLOSED, **fields)
         assert moved == 1  # the row is locked: nobody else can have moved it
