@@ -25,7 +25,7 @@ from decimal import Decimal
 from django.db.models import Count, Sum
 
 from billing.models import BillingPeriod, BillingPolicy, Invoice, InvoiceLine, UsageRecord
-from billing.money import ZERO, quantize
+from billing.money import PRICE_PLACES, ZERO, quantize
 from billing.policies import MemberMonth, ModelUsage, PolicyParams, Split, split_cost
 from tenants.models import Member, QuotaCounter, Team
 from tenants.periods import next_period_start, period_reset_at, period_start_for
@@ -258,3 +258,26 @@ def period_reconciliation(*, period: BillingPeriod) -> Reconciliation:
     per_member = {r["member_id"]: r["n"] for r in
                   Invoice.objects.filter(period=period).values("member_id").annotate(n=Count("id")).order_by()}
     return Reconciliation(usage, invoiced, per_member)
+
+
+# --- one invoice, as a statement shows it -----------------------------------------------
+
+@dataclass(frozen=True)
+class InvoiceDetail:
+    invoice: Invoice
+    lines: list
+    tokens: int  # prompt + completion tokens of the usage lines
+    effective_price: Decimal | None  # the member's allocated amount per 1M tokens under the policy
+    public_price_amount: Decimal | None  # the same tokens at the team's public API prices (None: no price set)
+
+
+def invoice_detail(*, invoice: Invoice) -> InvoiceDetail:
+    """An invoice with its lines and both views of the price (two queries)."""
+    invoice = Invoice.objects.select_related("period", "member__user").get(pk=invoice.pk)
+    lines = list(invoice.lines.order_by("kind", "model", "pk"))
+    usage_lines = [line for line in lines if line.kind == InvoiceLine.Kind.USAGE]
+    tokens = sum(line.prompt_tokens + line.completion_tokens for line in usage_lines)
+    priced = [line.public_price_amount for line in usage_lines if line.public_price_amount is not None]
+    effective = ((invoice.allocated * 1_000_000 / tokens).quantize(Decimal(1).scaleb(-PRICE_PLACES))
+                 if tokens else None)
+    return InvoiceDetail(invoice, lines, tokens, effective, sum(priced, ZERO) if priced else None)

@@ -103,3 +103,12 @@ def test_adjusting_a_draft_or_with_a_bad_amount_or_no_reason_is_refused(finalize
         invoice_adjust(invoice=draft, amount="1.00", reason="r")
     assert "{" not in INVOICE_NOT_FINALIZED.format(member="m", month="x")
     assert not InvoiceAdjustment.objects.exists()
+
+
+@pytest.mark.django_db
+def test_an_adjustment_skips_a_month_already_finalized(finalized_october):
+    period, a, b = finalized_october
+    nov = period_finalize(period=period_close(team=period.team, start=NOV, now=AFTER_NOV, wait_seconds=0))
+    adjustment = invoice_adjust(invoice=period.invoices.get(member=a), amount="1.00", reason="late fix")
+    assert adjustment.period.start == DEC and adjustment.period.status == "open"
+    assert nov.invoices.get(member=a).lines.filter(kind="adjustment").count() == 0

@@ -212,3 +212,37 @@ def test_close_from_two_threads_at_once_writes_one_invoice_per_member():
     assert sorted(Invoice.objects.values_list("member_id", flat=True)) == sorted(m.pk for m in members)
     assert AuditEvent.objects.filter(data__action="billing.period_closed").count() == 1
     _assert_sums(period)
+
+
+@pytest.mark.django_db
+def test_a_stuck_reservation_of_the_teams_cap_is_released_too():
+    from tenants.models import TeamQuotaCounter
+    team, members = _team_with_usage(token_cap=10_000_000)
+    cap = TeamQuotaCounter.objects.create(team=team, period_start=NOV, token_limit=10_000_000, tokens_reserved=700)
+    period = period_close(team=team, start=NOV, now=AFTER_NOV, wait_seconds=0)
+    cap.refresh_from_db()
+    assert cap.tokens_reserved == 0
+    assert period.released_reservations == [
+        {"member_id": None, "team_counter_id": cap.pk, "requests": 0, "tokens": 700}]
+    assert TeamQuotaCounter.objects.filter(team=team, period_start=DEC, token_limit=10_000_000).exists()
+
+
+@pytest.mark.django_db
+def test_a_late_close_of_an_older_month_opens_no_counters():
+    team, members = _team_with_usage()
+    period_close(team=team, start=date(2026, 10, 1), now=AFTER_NOV, wait_seconds=0)
+    assert not QuotaCounter.objects.filter(period_start=NOV).exists()
+
+
+@pytest.mark.django_db
+def test_the_command_reports_released_reservations(settings):
+    from tenants.tests.utils import run_command
+    settings.QWENHUB_UPSTREAM_TIMEOUT = 0
+    team = TeamFactory(slug="lab")
+    member = MemberJoinedFactory(team=team)
+    from billing.management.months import previous_period_start
+    from tenants.periods import period_start_for
+    last = previous_period_start(period_start_for(team.timezone))
+    QuotaCounterFactory(member=member, period_start=last, requests_reserved=1, tokens_reserved=300)
+    out, _ = run_command("close_period", "lab")
+    assert f"Released a stuck reservation of member {member.pk}: 1 request(s), 300 tokens." in out

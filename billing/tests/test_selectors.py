@@ -137,3 +137,20 @@ def test_a_stored_policy_reads_back_exactly_and_its_sentence_has_no_trailing_zer
     usage(a, NOV, prompt=1, completion=1)
     assert "prompt tokens weighted 1 and completion tokens 2.5 and by model." in cost_report(
         team=team, start=NOV).explanation
+
+
+@pytest.mark.django_db
+def test_invoice_detail_shows_the_effective_and_the_public_price(django_assert_max_num_queries):
+    from billing.selectors import invoice_detail
+    team = TeamFactory(monthly_cost="30.00")
+    billing_policy_update(team=team, public_prices={"qwen2.5-7b-instruct": {"prompt": "0.5", "completion": "1.5"}})
+    a = MemberJoinedFactory(team=team)
+    usage(a, NOV, prompt=1_000_000, completion=1_000_000)
+    usage(a, NOV, prompt=500_000, completion=0, model="unpriced")
+    period = period_close(team=team, start=NOV, now=datetime(2026, 12, 1, 1, tzinfo=SHANGHAI), wait_seconds=0)
+    invoice = period.invoices.get()
+    with django_assert_max_num_queries(2):
+        detail = invoice_detail(invoice=invoice)
+    assert detail.tokens == 2_500_000 and detail.effective_price == D("12.000000")  # 30 CNY / 2.5M tokens
+    assert detail.public_price_amount == D("2.00")  # 1M × 0.5 + 1M × 1.5 per 1M; the other model has no price
+    assert [line.public_price_amount for line in detail.lines] == [D("2.00"), None]
