@@ -58,7 +58,8 @@ class UsageRecord(models.Model):
         return self.request_id
 
 
-MODEL_WEIGHTS_INVALID = 'Model weights must be an object of model name → non-negative number, e.g. {"qwen2.5-72b": "3"}.'
+MODEL_WEIGHTS_INVALID = ('Model weights must be an object of model name → non-negative number, '
+                         'e.g. {"qwen2.5-72b": "3"}.')
 PUBLIC_PRICES_INVALID = ('Public prices must be an object of model name → {"prompt": price, "completion": price} '
                          'per 1M tokens, non-negative numbers, e.g. {"qwen2.5-7b-instruct": {"prompt": "0.3", '
                          '"completion": "0.6"}}.')
@@ -236,7 +237,8 @@ class Invoice(TimestampedModel):
                 condition=Q(sequence__isnull=True, number__isnull=True, issued_at__isnull=True)
                 | Q(sequence__isnull=False, number__isnull=False, issued_at__isnull=False),
                 name="invoice_numbered_when_issued"),
-            models.CheckConstraint(condition=Q(sequence__isnull=True) | Q(sequence__gte=1), name="invoice_sequence_pos"),
+            models.CheckConstraint(condition=Q(sequence__isnull=True) | Q(sequence__gte=1),
+                                   name="invoice_sequence_pos"),
             models.CheckConstraint(condition=Q(allocated__gte=0, share__gte=0, share__lte=1),
                                    name="invoice_allocated_nonneg"),
         ]

@@ -52,7 +52,8 @@ def _exact(value) -> Decimal:
 
 def policy_params(policy: BillingPolicy) -> PolicyParams:
     return PolicyParams(
-        kind=policy.kind, prompt_weight=_exact(policy.prompt_weight), completion_weight=_exact(policy.completion_weight),
+        kind=policy.kind, prompt_weight=_exact(policy.prompt_weight),
+        completion_weight=_exact(policy.completion_weight),
         model_weights={name: _exact(w) for name, w in (policy.model_weights or {}).items()},
         base_share=_exact(policy.base_share), quota_unit=policy.quota_unit, idle_payer_id=policy.idle_payer_id,
     )

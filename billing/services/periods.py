@@ -77,7 +77,8 @@ def _release_stuck_reservations(team: Team, start: date) -> list[dict]:
     team_stuck = (TeamQuotaCounter.objects.select_for_update(no_key=True)
                   .filter(team=team, period_start=start, tokens_reserved__gt=0).values("pk", "tokens_reserved"))
     for row in team_stuck:
-        TeamQuotaCounter.objects.filter(pk=row["pk"]).update(tokens_reserved=F("tokens_reserved") - row["tokens_reserved"])
+        TeamQuotaCounter.objects.filter(pk=row["pk"]).update(
+            tokens_reserved=F("tokens_reserved") - row["tokens_reserved"])
         released.append({"member_id": None, "team_counter_id": row["pk"], "requests": 0,
                          "tokens": row["tokens_reserved"]})
     return released

@@ -32,7 +32,8 @@ def test_update_records_what_changed_and_a_no_op_records_nothing():
     payer = MemberJoinedFactory(team=team)
     billing_policy_update(team=team, kind="seed_rate", idle_payer=payer, public_prices={"m": {"prompt": "0.3"}})
     event = AuditEvent.objects.get(data__action="billing.policy_updated")
-    assert event.data["after"] == {"kind": "seed_rate", "idle_payer": payer.pk, "public_prices": {"m": {"prompt": "0.3"}}}
+    assert event.data["after"] == {"kind": "seed_rate", "idle_payer": payer.pk,
+                                   "public_prices": {"m": {"prompt": "0.3"}}}
     billing_policy_update(team=team, kind="seed_rate", prompt_weight=Decimal("1.000"))
     assert AuditEvent.objects.filter(data__action="billing.policy_updated").count() == 1
 
