@@ -1,7 +1,15 @@
-"""Admin for usage rows: read-only (written by the gateway, billed)."""
-from django.contrib import admin
+"""Admin for usage rows (read-only: written by the gateway, billed), billing policies, periods and invoices."""
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.core.exceptions import ValidationError
+from django.template.response import TemplateResponse
 
-from billing.models import UsageRecord
+from billing.models import BillingPeriod, BillingPolicy, Invoice, InvoiceLine, UsageRecord
+from billing.services import (
+    IDLE_PAYER_OTHER_TEAM, billing_policy_update, invoice_adjust, period_finalize, period_set_actual_cost,
+)
+from billing.services.policies import POLICY_FIELDS
 from qwenhub.admin import ReadOnlyAdminMixin
 from tenants.admin import SecretLookupsRefusedMixin
 
@@ -17,3 +25,195 @@ class UsageRecordAdmin(ReadOnlyAdminMixin, SecretLookupsRefusedMixin, admin.Mode
     list_select_related = ["team", "member__user", "member__team", "api_key"]
     date_hierarchy = "started_at"
     show_full_result_count = False  # COUNT(*) over all usage on every page is not free
+
+
+# --- policies, periods, invoices ---------------------------------------------------------
+# Periods and invoices are never edited here: they change only through the billing
+# services (close, actual cost, finalize, adjust), offered as actions, each an audit event.
+
+ACTION_FORM_TEMPLATE = "admin/billing/action_form.html"
+
+
+class BillingPolicyForm(forms.ModelForm):
+    class Meta:
+        model = BillingPolicy
+        fields = ["team", "kind", "prompt_weight", "completion_weight", "model_weights", "base_share", "quota_unit",
+                  "idle_payer", "grace_days", "public_prices"]
+
+    def clean(self):
+        data = super().clean()
+        team = data.get("team") or getattr(self.instance, "team", None)
+        payer = data.get("idle_payer")
+        if payer is not None and team is not None and payer.team_id != team.pk:
+            self.add_error("idle_payer", IDLE_PAYER_OTHER_TEAM.format(team=team))
+        return data
+
+
+@admin.register(BillingPolicy)
+class BillingPolicyAdmin(admin.ModelAdmin):
+    """How each team's cost is split; a change applies from the next close (closed months keep theirs)."""
+
+    form = BillingPolicyForm
+    list_display = ["team", "kind", "prompt_weight", "completion_weight", "base_share", "quota_unit", "idle_payer",
+                    "grace_days", "updated_at"]
+    list_select_related = ["team", "idle_payer__user", "idle_payer__team"]
+    list_filter = ["kind"]
+    search_fields = ["team__slug", "team__name"]
+    autocomplete_fields = ["idle_payer"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return ["team"] if obj else []
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # a team without a row is on the defaults; change the kind instead
+
+    def save_model(self, request, obj, form, change):
+        """Through billing_policy_update (validation, the audit event), never a bare save()."""
+        team = obj.team
+        changes = {name: form.cleaned_data[name] for name in form.changed_data if name in POLICY_FIELDS}
+        policy = billing_policy_update(team=team, actor=request.user, reason="changed in the admin", **changes)
+        obj.pk = policy.pk
+
+
+class InvoiceInline(admin.TabularInline):
+    model = Invoice
+    fields = ["number", "member", "allocated", "amount", "share_percent", "active_days", "issued_at"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("member__user", "member__team").order_by("member_id")
+
+    @admin.display(description="share %")
+    def share_percent(self, invoice):
+        return _percent(invoice.share)
+
+
+def _percent(share) -> str:
+    return f"{share * 100:.2f}"  # display only
+
+
+class ActualCostForm(forms.Form):
+    amount = forms.DecimalField(min_value=0, decimal_places=3, max_digits=16,
+                                help_text="The month's real cost (the GPU or cloud bill), in the team's currency.")
+    reason = forms.CharField(max_length=500, help_text="Why, for the audit trail.")
+
+
+class AdjustmentForm(forms.Form):
+    amount = forms.DecimalField(decimal_places=3, max_digits=16,
+                                help_text="Positive: the member owes more; negative: a credit.")
+    reason = forms.CharField(max_length=500, help_text="Printed on the invoice that carries the adjustment.")
+
+
+class _ServiceActionMixin:
+    def _form_action(self, request, queryset, *, form_class, action, title, intro, apply):
+        """Ask for the form, then call `apply(obj, data)` once per selected row; a refusal is a message."""
+        objects = list(queryset.order_by("pk"))
+        form = form_class(request.POST if "apply" in request.POST else None)
+        if "apply" in request.POST and form.is_valid():
+            done = 0
+            for obj in objects:
+                try:
+                    apply(obj, form.cleaned_data)
+                except ValidationError as exc:
+                    self.message_user(request, f"{obj}: {' '.join(exc.messages)}", messages.ERROR)
+                    continue
+                self.log_change(request, obj, f"{title}: {form.cleaned_data['reason']}")
+                done += 1
+            if done:
+                self.message_user(request, f"{title}: done for {done} row(s).", messages.SUCCESS)
+            return None
+        context = {**self.admin_site.each_context(request), "title": title, "intro": intro, "opts": self.model._meta,
+                   "form": form, "objects": objects, "selected": [o.pk for o in objects], "action": action,
+                   "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME}
+        return TemplateResponse(request, ACTION_FORM_TEMPLATE, context)
+
+
+@admin.register(BillingPeriod)
+class BillingPeriodAdmin(_ServiceActionMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    """Months of each team: closed by the scheduler or close_period; cost entered and finalized here."""
+
+    list_display = ["team", "start", "status", "currency", "planned_cost", "actual_cost", "cost", "allocated", "idle",
+                    "unallocated", "fell_back", "closed_at", "finalized_at"]
+    list_filter = ["status", "team"]
+    list_select_related = ["team"]
+    date_hierarchy = "start"
+    inlines = [InvoiceInline]
+    actions = ["set_actual_cost", "finalize"]
+
+    def has_billing_permission(self, request):
+        return request.user.has_perm("billing.change_billingperiod")
+
+    @admin.action(description="Enter the actual cost… (recomputes the drafts)", permissions=["billing"])
+    def set_actual_cost(self, request, queryset):
+        return self._form_action(
+            request, queryset.select_related("team"), form_class=ActualCostForm, action="set_actual_cost",
+            title="Enter the actual cost",
+            intro="The drafts of these closed months are recomputed with this cost (policy as at the close):",
+            apply=lambda period, data: period_set_actual_cost(period=period, amount=data["amount"],
+                                                              actor=request.user, reason=data["reason"]))
+
+    @admin.action(description="Finalize (number and issue the invoices)", permissions=["billing"])
+    def finalize(self, request, queryset):
+        done = 0
+        for period in queryset.select_related("team").order_by("start", "pk"):
+            try:
+                period_finalize(period=period, actor=request.user)
+            except ValidationError as exc:
+                self.message_user(request, " ".join(exc.messages), messages.ERROR)
+                continue
+            self.log_change(request, period, "Finalized: invoices numbered and issued.")
+            done += 1
+        if done:
+            self.message_user(request, f"Finalized {done} period(s).", messages.SUCCESS)
+
+
+class InvoiceLineInline(admin.TabularInline):
+    model = InvoiceLine
+    fields = ["kind", "model", "requests", "prompt_tokens", "completion_tokens", "model_weight", "weighted_tokens",
+              "amount", "public_price_amount", "reason"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Invoice)
+class InvoiceAdmin(_ServiceActionMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    """Invoices: drafts change only by a recompute of their month, issued ones never (adjust a later month)."""
+
+    list_display = ["__str__", "period", "member", "allocated", "amount", "share_percent", "issued_at"]
+    list_filter = ["period__status", "team"]
+    search_fields = ["=number", "member__user__username"]
+    list_select_related = ["period__team", "member__user", "member__team"]
+    inlines = [InvoiceLineInline]
+    actions = ["adjust"]
+
+    def has_billing_permission(self, request):
+        return request.user.has_perm("billing.change_invoice")
+
+    @admin.display(description="share %")
+    def share_percent(self, invoice):
+        return _percent(invoice.share)
+
+    @admin.action(description="Correct on a later month…", permissions=["billing"])
+    def adjust(self, request, queryset):
+        return self._form_action(
+            request, queryset.select_related("period__team", "team", "member__user", "member__team"),
+            form_class=AdjustmentForm, action="adjust", title="Correct on a later month",
+            intro="An adjustment line with this amount and reason goes on each member's next unfinalized month:",
+            apply=lambda invoice, data: invoice_adjust(invoice=invoice, amount=data["amount"], reason=data["reason"],
+                                                       actor=request.user))
