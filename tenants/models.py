@@ -170,6 +170,14 @@ class AuditEvent(models.Model):
         ALIAS_ADDED = "alias_added"
         ALIAS_UPDATED = "alias_updated"
         ALIAS_DELETED = "alias_deleted"
+        # Billing's events (billing/services/audit.py); the kinds live here with the trail.
+        PERIOD_CLOSED = "period_closed"
+        RESERVATIONS_RELEASED = "reservations_released"
+        ACTUAL_COST_SET = "actual_cost_set"
+        PERIOD_FINALIZED = "period_finalized"
+        INVOICE_ADJUSTED = "invoice_adjusted"
+        BILLING_POLICY_CREATED = "billing_policy_created"
+        BILLING_POLICY_UPDATED = "billing_policy_updated"
 
     team = models.ForeignKey(Team, on_delete=models.PROTECT, null=True, blank=True, related_name="audit_events")
     member = models.ForeignKey(Member, on_delete=models.PROTECT, null=True, blank=True, related_name="audit_events")

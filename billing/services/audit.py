@@ -1,10 +1,7 @@
-"""Billing's audit events.
+"""Billing's audit events: one AuditEvent kind per billing action (the trail lives in tenants).
 
-tenants.models.AuditEvent has no billing kinds yet (and tenants' choices are another
-engineer's to change, with a migration there), so billing records its events under the
-closest existing kind and names what happened in `data["action"]`: the release of stuck
-reservations is a QUOTA_RESET of those counters, everything else a MEMBER_UPDATED (with no
-member for a team-wide event). When billing kinds exist, only this module changes.
+`data["action"]` repeats the action's name, so the history pages can tell billing's events
+apart without knowing every kind.
 """
 from tenants.models import AuditEvent, Member, Team
 
@@ -16,12 +13,20 @@ INVOICE_ADJUSTED = "billing.invoice_adjusted"
 POLICY_CREATED = "billing.policy_created"
 POLICY_UPDATED = "billing.policy_updated"
 
-_KIND = {RESERVATIONS_RELEASED: AuditEvent.Kind.QUOTA_RESET}
+_KIND = {
+    PERIOD_CLOSED: AuditEvent.Kind.PERIOD_CLOSED,
+    RESERVATIONS_RELEASED: AuditEvent.Kind.RESERVATIONS_RELEASED,
+    ACTUAL_COST_SET: AuditEvent.Kind.ACTUAL_COST_SET,
+    PERIOD_FINALIZED: AuditEvent.Kind.PERIOD_FINALIZED,
+    INVOICE_ADJUSTED: AuditEvent.Kind.INVOICE_ADJUSTED,
+    POLICY_CREATED: AuditEvent.Kind.BILLING_POLICY_CREATED,
+    POLICY_UPDATED: AuditEvent.Kind.BILLING_POLICY_UPDATED,
+}
 
 
 def billing_audit(*, action: str, team: Team, member: Member | None = None, member_id: int | None = None,
                   actor=None, subject_id: int | None = None, reason: str = "", data: dict | None = None) -> AuditEvent:
     return AuditEvent.objects.create(
-        kind=_KIND.get(action, AuditEvent.Kind.MEMBER_UPDATED), team=team,
+        kind=_KIND[action], team=team,
         member_id=member.pk if member is not None else member_id, actor=actor, subject_id=subject_id,
         reason=reason[:500], data={"action": action, **(data or {})})

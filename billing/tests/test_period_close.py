@@ -157,7 +157,7 @@ def test_a_stuck_reservation_is_waited_for_then_released_and_recorded(settings):
     assert period.released_reservations == [
         {"member_id": a.pk, "counter_id": counter.pk, "requests": 2, "tokens": 900}]
     event = AuditEvent.objects.get(data__action="billing.reservations_released")
-    assert event.kind == AuditEvent.Kind.QUOTA_RESET and event.member_id == a.pk
+    assert event.kind == AuditEvent.Kind.RESERVATIONS_RELEASED and event.member_id == a.pk
 
 
 @pytest.mark.django_db(transaction=True)
