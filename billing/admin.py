@@ -10,8 +10,7 @@ from billing.services import (
     IDLE_PAYER_OTHER_TEAM, billing_policy_update, invoice_adjust, period_finalize, period_set_actual_cost,
 )
 from billing.services.policies import POLICY_FIELDS
-from qwenhub.admin import ReadOnlyAdminMixin
-from tenants.admin import SecretLookupsRefusedMixin
+from qwenhub.admin import ReadOnlyAdminMixin, SecretLookupsRefusedMixin
 
 
 @admin.register(UsageRecord)

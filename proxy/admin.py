@@ -27,7 +27,7 @@ from proxy.services import (
     upstream_delete,
     upstream_update,
 )
-from tenants.admin import SecretLookupsRefusedMixin, ServiceAdminMixin, adopt, form_data, inline_changes
+from qwenhub.admin import SecretLookupsRefusedMixin, ServiceAdminMixin, adopt, form_data, inline_changes
 
 MASK = "••••••••"
 
