@@ -17,6 +17,7 @@ from proxy.gateway.fairness import FairQueue, QueueTimeout
 URL = os.environ.get("TEST_REDIS_FAIRNESS_URL", "redis://127.0.0.1:6379/11")
 MODES = ["redis", "local"]
 K = "qh:fq:{1}:"  # keys of upstream 1
+DB = URL.rsplit("/", 1)[-1]  # the relays below lead to the same database as URL
 
 
 @pytest.fixture(autouse=True)
@@ -284,7 +285,7 @@ def test_dead_process_slots_expire(r):
 # --- Redis unavailable -----------------------------------------------------------------------
 def test_redis_down_degrades_to_local(r, caplog):
     async def main():
-        q = FQ(f"redis://127.0.0.1:{free_port()}/11")
+        q = FQ(f"redis://127.0.0.1:{free_port()}/{DB}")
         held = peak = 0
 
         async def worker(member):
@@ -356,7 +357,7 @@ def test_redis_outage_and_recovery(r):
     async def main():
         fwd = Forwarder()
         await fwd.start()
-        q = FQ(f"redis://127.0.0.1:{fwd.port}/11")
+        q = FQ(f"redis://127.0.0.1:{fwd.port}/{DB}")
         q.redis_retry_interval = 0.3
         kept = await q.acquire(upstream_id=1, capacity=2, member_id=1)
         assert r.zcard(K + "held") == 1 and q.degraded_total == 0
@@ -388,7 +389,7 @@ def test_waiter_queued_in_redis_moves_to_local_when_redis_goes(r):
     async def main():
         fwd = Forwarder()
         await fwd.start()
-        q = FQ(f"redis://127.0.0.1:{fwd.port}/11")
+        q = FQ(f"redis://127.0.0.1:{fwd.port}/{DB}")
         holder = await q.acquire(upstream_id=1, capacity=1, member_id=1)
         waiter = asyncio.create_task(q.acquire(upstream_id=1, capacity=1, member_id=2))
         await until(lambda: r.hlen(K + "wait") == 1)
@@ -632,7 +633,7 @@ def test_kept_slots_are_replayed_after_an_outage(r):
     async def main():
         fwd = Forwarder()
         await fwd.start()
-        q = FQ(f"redis://127.0.0.1:{fwd.port}/11")
+        q = FQ(f"redis://127.0.0.1:{fwd.port}/{DB}")
         q.redis_retry_interval = 0.3
         await q.release(await q.acquire(upstream_id=1, capacity=16, member_id=1))
         assert r.zcard(K + "held") == 1  # kept
