@@ -32,16 +32,16 @@ class FairQueue:
 
     def __init__(self, redis_url: str | None, *, queue_timeout: float = 60.0, hold_ttl: float = 900.0,
                  enabled: bool = True) -> None:
-        self.queue_timeout = float(queue_timeout)
+        self._queue_timeout = float(queue_timeout)
         self.hold_ttl = float(hold_ttl)
         self.enabled = enabled
         self.fallback = Fallback(log, REDIS_DOWN_WARNING, retry_interval=REDIS_RETRY_INTERVAL,
                                  warn_interval=WARN_INTERVAL)
         self._holds = _HoldTimes()
         self._tasks = _Tasks()
-        self._local = _LocalMode(self.queue_timeout, self._holds)
+        self._local = _LocalMode(self._queue_timeout, self._holds)
         self.link = RedisLink.open(redis_url) if redis_url and enabled else None
-        self._redis = _RedisMode(self.link, self.fallback, self._holds, self._tasks, queue_timeout=self.queue_timeout,
+        self._redis = _RedisMode(self.link, self.fallback, self._holds, self._tasks, queue_timeout=self._queue_timeout,
                                  hold_ttl=self.hold_ttl) if self.link else None
 
     # --- counters and settings, for metrics and tests ---------------------------------------
@@ -59,6 +59,17 @@ class FairQueue:
     def fast_total(self) -> int:
         """Acquires served from a kept slot, without Redis."""
         return self._redis.kept.fast_total if self._redis else 0
+
+    @property
+    def queue_timeout(self) -> float:
+        """Seconds a request may wait for a slot."""
+        return self._queue_timeout
+
+    @queue_timeout.setter
+    def queue_timeout(self, seconds: float) -> None:
+        self._queue_timeout = self._local.queue_timeout = float(seconds)
+        if self._redis is not None:
+            self._redis.queue_timeout = self._queue_timeout
 
     @property
     def redis_retry_interval(self) -> float:

@@ -282,6 +282,19 @@ def test_dead_process_slots_expire(r):
     run(main())
 
 
+def test_close_right_after_the_first_acquire_does_not_hang(r):
+    """close() stops the listener while it may still be subscribing; that once could wait for ever."""
+    async def main():
+        for i in range(20):
+            q = FQ(URL)
+            await q.release(await q.acquire(upstream_id=1, capacity=16 if i % 2 else 2, member_id=1))
+            await asyncio.wait_for(q.close(), 3.0)
+            _queues.remove(q)
+        assert r.zcard(K + "held") == 0
+
+    run(main())
+
+
 # --- Redis unavailable -----------------------------------------------------------------------
 def test_redis_down_degrades_to_local(r, caplog):
     async def main():
