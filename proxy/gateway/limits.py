@@ -12,19 +12,19 @@ to the real count when the request settles. Concurrency slots live in a sorted
 set with an expiry, so a crashed process cannot hold a slot forever.
 
 Redis is allowed to fail: limits then fall back to the same buckets kept in
-this process (a per-process bound), with a warning logged and counted. Quotas
-are not affected: they live in the database.
+this process (a per-process bound) for 5 s, with a warning logged (at most every
+30 s) and counted; settlements Redis missed are replayed when it answers again.
+The client and that policy are the process's shared ones (``redis_link.py``).
+Quotas are not affected: they live in the database.
 """
 import logging
 import math
 import time
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from proxy.gateway.errors import ApiError
 from proxy.gateway.keys import KeyInfo
+from proxy.gateway.redis_link import REDIS_ERRORS, Fallback, RedisLink, Replay
 
 log = logging.getLogger("qwenhub.gateway")
 
@@ -39,8 +39,10 @@ REQUEST_TOO_LARGE_FOR_TPM = (
     "This request needs about {tokens} tokens, more than your limit of {limit} tokens per minute. "
     "Lower max_tokens."
 )
+REDIS_DOWN_WARNING = "Redis unavailable (%(kind)s): rate limits are per process until it is back"
 SLOT_TTL_MS = 15 * 60 * 1000  # a concurrency slot is forgotten after 15 minutes whatever happens
-WARN_EVERY = 30.0
+REDIS_RETRY_INTERVAL = 5.0  # seconds per process after a Redis failure before trying Redis again
+WARN_EVERY = 30.0  # at most one "Redis unavailable" warning per this many seconds
 MAX_PENDING = 10_000  # settlements kept for replay while Redis is unreachable
 
 _ADMIT = """
@@ -164,32 +166,26 @@ class _LocalBuckets:
 
 
 class RateLimiter:
+    """Rate limits in Redis, through the process's shared link; per process while Redis fails."""
+
     def __init__(self, redis_url: str | None) -> None:
-        self.redis = (
-            aioredis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5, retry_on_timeout=False)
-            if redis_url else None
-        )
+        self.link = RedisLink.open(redis_url) if redis_url else None
+        self.redis = self.link.client if self.link else None
         self._admit = self.redis.register_script(_ADMIT) if self.redis else None
         self._settle = self.redis.register_script(_SETTLE) if self.redis else None
         self.local = _LocalBuckets()
-        self.degraded_total = 0
-        self._redis_down_until = 0.0
-        self._warned_at = 0.0
+        self.fallback = Fallback(log, REDIS_DOWN_WARNING, retry_interval=REDIS_RETRY_INTERVAL, warn_interval=WARN_EVERY)
         # Settlements of Redis admissions that failed: replayed once Redis answers again,
         # so a blip does not hold concurrency slots for SLOT_TTL_MS.
-        self._pending: list[tuple[list[str], list]] = []
+        self._pending = Replay(MAX_PENDING)
+
+    @property
+    def degraded_total(self) -> int:
+        """Times Redis failed and limits fell back to this process."""
+        return self.fallback.errors_total
 
     def _use_redis(self) -> bool:
-        return self._admit is not None and time.monotonic() >= self._redis_down_until
-
-    def _redis_failed(self, exc: Exception) -> None:
-        self.degraded_total += 1
-        now = time.monotonic()
-        self._redis_down_until = now + 5.0
-        if now - self._warned_at > WARN_EVERY:
-            self._warned_at = now
-            log.warning("Redis unavailable (%s): rate limits are per process until it is back",
-                        exc.__class__.__name__)
+        return self._admit is not None and self.fallback.usable()
 
     async def admit(self, key: KeyInfo, request_id: str, tokens: int) -> Admission | None:
         """Take one request, `tokens` tokens and a concurrency slot, or raise a 429 ApiError."""
@@ -203,12 +199,12 @@ class RateLimiter:
             m = key.member_id
             try:
                 if self._pending:
-                    await self._replay()
+                    await self._pending.drain(self._send_settle)
                 result = [v.decode() if isinstance(v, bytes) else str(v) for v in await self._admit(
                     keys=[f"qh:rl:{m}:r", f"qh:rl:{m}:t", f"qh:rl:{m}:c"], args=args)]
                 local = False
-            except (RedisError, OSError) as exc:
-                self._redis_failed(exc)
+            except REDIS_ERRORS as exc:
+                self.fallback.failed(exc)
         if local:
             result = self.local.admit(key.member_id, rpm, tpm, conc, tokens, request_id, now)
         verdict, wait_ms, r_level, t_level = result[0], int(result[1]), float(result[2]), float(result[3])
@@ -216,9 +212,15 @@ class RateLimiter:
         if verdict == "ok":
             return Admission(member_id=key.member_id, request_id=request_id, tokens=tokens, tokens_per_minute=tpm,
                              holds_slot=conc > 0, local=local, headers=headers)
+        raise self._refusal(verdict, wait_ms, tokens, rpm, tpm, conc, headers)
+
+    @staticmethod
+    def _refusal(verdict: str, wait_ms: int, tokens: int, rpm: int, tpm: int, conc: int,
+                 headers: list[tuple[bytes, bytes]]) -> ApiError:
+        """The 429 for a refused admission."""
         if verdict == "too_large":
-            raise ApiError(429, REQUEST_TOO_LARGE_FOR_TPM.format(tokens=tokens, limit=tpm), "tokens",
-                           code="rate_limit_exceeded", headers=headers + [(b"x-should-retry", b"false")])
+            return ApiError(429, REQUEST_TOO_LARGE_FOR_TPM.format(tokens=tokens, limit=tpm), "tokens",
+                            code="rate_limit_exceeded", headers=headers + [(b"x-should-retry", b"false")])
         if verdict == "concurrency":
             message = TOO_MANY_CONCURRENT.format(limit=conc)
             wait_ms = 1000  # the soonest a slot is likely free; the SDK backs off from here
@@ -226,8 +228,8 @@ class RateLimiter:
             what, limit = ("requests", rpm) if verdict == "requests" else ("tokens", tpm)
             message = RATE_LIMITED.format(what=what, limit=limit, per="minute", seconds=wait_ms / 1000)
         headers += [(b"retry-after-ms", str(wait_ms).encode()), (b"retry-after", str(math.ceil(wait_ms / 1000)).encode())]
-        raise ApiError(429, message, "requests" if verdict != "tokens" else "tokens", code="rate_limit_exceeded",
-                       headers=headers)
+        return ApiError(429, message, "requests" if verdict != "tokens" else "tokens", code="rate_limit_exceeded",
+                        headers=headers)
 
     @staticmethod
     def _headers(rpm: int, tpm: int, r_level: float, t_level: float) -> list[tuple[bytes, bytes]]:
@@ -258,19 +260,15 @@ class RateLimiter:
         m = admission.member_id
         keys, args = [f"qh:rl:{m}:t", f"qh:rl:{m}:c"], [now, admission.tokens_per_minute, delta, admission.request_id]
         try:
-            await self._settle(keys=keys, args=args)
-        except (RedisError, OSError) as exc:
-            self._redis_failed(exc)
-            if len(self._pending) < MAX_PENDING:
-                self._pending.append((keys, args))
+            await self._send_settle(keys, args)
+        except REDIS_ERRORS as exc:
+            self.fallback.failed(exc)
+            self._pending.add(keys, args)
 
-    async def _replay(self) -> None:
-        """Send the settlements Redis missed; raises (keeping the rest) if it fails again."""
-        while self._pending:
-            keys, args = self._pending[0]
-            await self._settle(keys=keys, args=args)
-            self._pending.pop(0)
+    async def _send_settle(self, keys: list[str], args: list) -> None:
+        await self._settle(keys=keys, args=args)
 
     async def close(self) -> None:
-        if self.redis is not None:
-            await self.redis.aclose()
+        """Let go of the shared Redis link (closed with its last user); safe to call again."""
+        if self.link is not None:
+            await self.link.close()

@@ -118,7 +118,10 @@ grants; with nobody else waiting this is "until one more slot frees".
 
 Failure behaviour
 -----------------
-The Redis client uses a 0.5 s socket and connect timeout and no retries, so an
+The Redis client is the process's one client for the URL, shared with the rate
+limits (``proxy/gateway/redis_link.py``, which also holds the failure policy
+below: retry window, rate-limited warning, counters, bounded replay queue). It
+uses a 0.5 s socket and connect timeout and no retries, so an
 outage costs one request at most one short timeout. Any Redis error (refused,
 timeout, reset, script error) switches the process to the **per-process**
 implementation of the same algorithm (asyncio Futures, same DRR) for 5 s
@@ -139,6 +142,14 @@ may briefly see more than its capacity (until those requests finish).
 With ``redis_url`` empty or None (embedded mode) only the local implementation
 is used, without warnings. With ``enabled=False`` ``acquire`` returns a dummy
 slot at once (fair sharing off; the benchmark compares both).
+
+Modules
+-------
+``queue.py`` the ``FairQueue`` façade (Redis mode or local mode per call);
+``redis_mode.py`` the scripts' calls, waiting for grants, withdrawal, replay;
+``listener.py`` the pub/sub listener; ``kept.py`` the fast path (kept slots);
+``local.py`` local mode; ``slot.py`` ``Slot``, ``QueueTimeout``, retry-after
+estimate, background tasks; ``lua.py`` the scripts.
 """
 from proxy.gateway.fairness.queue import FairQueue, QueueTimeout, Slot
 

@@ -1,13 +1,17 @@
-"""The per-process fallback of the fair queue: one upstream's slots and member queues in this process.
+"""Local mode, the per-process fallback of the fair queue: slots and member queues in this process.
 
-``_LocalQueue`` runs the same deficit round robin as the Lua scripts, with asyncio Futures instead
-of Redis lists. ``FairQueue`` uses it in embedded mode (no Redis) and while Redis is unreachable,
+``_LocalQueue`` (one upstream) runs the same deficit round robin as the Lua scripts, with asyncio
+Futures instead of Redis lists; ``_LocalMode`` keeps one per upstream and acquires and releases
+slots on them. ``FairQueue`` uses it in embedded mode (no Redis) and while Redis is unreachable,
 when each process bounds itself to the full capacity (see the package docstring).
 """
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+
+from proxy.gateway.fairness.slot import _LOCAL, QueueTimeout, Slot, _HoldTimes
 
 
 class _LocalQueue:
@@ -95,3 +99,51 @@ class _LocalQueue:
         else:
             weight = self.weights.get(member, weight)
         return (mine + 1) * total / weight
+
+
+class _LocalMode:
+    """Slots of every upstream kept in this process (embedded mode, or while Redis is down)."""
+
+    def __init__(self, queue_timeout: float, holds: _HoldTimes) -> None:
+        self.queue_timeout = queue_timeout
+        self.holds = holds
+        self.queues: dict[int, _LocalQueue] = {}
+
+    def stats(self, uid: int) -> dict:
+        lq = self.queues.get(uid)
+        return {"in_flight": lq.in_flight, "queued": lq.queued} if lq else {"in_flight": 0, "queued": 0}
+
+    async def acquire(self, uid: int, capacity: int, member: int, weight: int, t0: float) -> Slot:
+        lq = self.queues.get(uid)
+        if lq is None:
+            lq = self.queues[uid] = _LocalQueue()
+        if lq.in_flight < capacity and not lq.queued:
+            lq.in_flight += 1
+            return Slot(uid, b"", _LOCAL, capacity, member, 0.0, time.monotonic())
+        fut = asyncio.get_running_loop().create_future()
+        lq.enqueue(member, weight, fut)
+        if lq.in_flight < capacity:  # capacity grew, or slots were freed while nobody dispatched
+            lq.dispatch(capacity)
+        remaining = t0 + self.queue_timeout - time.monotonic()
+        try:
+            if remaining > 0 and not fut.done():
+                await asyncio.wait((fut,), timeout=remaining)
+        except asyncio.CancelledError:
+            if fut.done():  # granted just as we were cancelled: hand the slot on
+                lq.in_flight -= 1
+                lq.dispatch(capacity)
+            else:
+                lq.withdraw(member, fut)
+            raise
+        waited = time.monotonic() - t0
+        if fut.done():
+            return Slot(uid, b"", _LOCAL, capacity, member, waited, time.monotonic())
+        lq.withdraw(member, fut)
+        ahead = lq.ahead(member, weight)
+        raise QueueTimeout(self.holds.retry_after(uid, capacity, ahead), waited)
+
+    def release(self, slot: Slot) -> None:
+        lq = self.queues[slot.upstream_id]
+        lq.in_flight -= 1
+        if lq.queued:
+            lq.dispatch(slot.capacity)

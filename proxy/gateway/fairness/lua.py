@@ -2,8 +2,8 @@
 
 ``_LUA_COMMON`` (key names, the server clock, expiry purge and the deficit round robin dispatch) is
 the prelude of each script; ``_LUA_ACQUIRE``, ``_LUA_RELEASE``, ``_LUA_WITHDRAW`` and ``_LUA_SYNC``
-are registered by ``FairQueue`` and run with EVALSHA. The keys and the protocol are described in
-the package docstring (``proxy/gateway/fairness/__init__.py``).
+are registered by the Redis mode (``redis_mode.py``) and run with EVALSHA. The keys and the
+protocol are described in the package docstring (``proxy/gateway/fairness/__init__.py``).
 """
 
 # Lua. KEYS[1..5] = held, wait, ring, deficit, weight; ARGV[1] = queue key prefix, ARGV[2] = capacity.

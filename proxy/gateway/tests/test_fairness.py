@@ -17,6 +17,7 @@ from proxy.gateway.fairness import FairQueue, QueueTimeout
 URL = os.environ.get("TEST_REDIS_FAIRNESS_URL", "redis://127.0.0.1:6379/11")
 MODES = ["redis", "local"]
 K = "qh:fq:{1}:"  # keys of upstream 1
+DB = URL.rsplit("/", 1)[-1]  # the relays below lead to the same database as URL
 
 
 @pytest.fixture(autouse=True)
@@ -67,14 +68,14 @@ def queued(q: FairQueue, r, upstream_id: int = 1) -> int:
     """Waiters queued right now, read from where the mode keeps them."""
     if q._redis is not None:
         return r.hlen(f"qh:fq:{{{upstream_id}}}:wait")
-    lq = q._local.get(upstream_id)
+    lq = q._local.queues.get(upstream_id)
     return lq.queued if lq else 0
 
 
 def in_flight(q: FairQueue, r, upstream_id: int = 1) -> int:
     if q._redis is not None:
         return r.zcard(f"qh:fq:{{{upstream_id}}}:held")
-    lq = q._local.get(upstream_id)
+    lq = q._local.queues.get(upstream_id)
     return lq.in_flight if lq else 0
 
 
@@ -192,7 +193,7 @@ def test_waiter_times_out_with_retry_after_and_leaves_no_trace(r, mode):
             assert r.hlen(K + "wait") == 0 and r.llen(K + "q:2") == 0 and r.llen(K + "ring") == 0
             assert r.zcard(K + "held") == 1
         else:
-            assert q._local[1].queued == 0 and not q._local[1].ring
+            assert q._local.queues[1].queued == 0 and not q._local.queues[1].ring
         await q.release(holder)
         t = time.monotonic()
         again = await q.acquire(upstream_id=1, capacity=1, member_id=2)  # the capacity is intact
@@ -281,10 +282,23 @@ def test_dead_process_slots_expire(r):
     run(main())
 
 
+def test_close_right_after_the_first_acquire_does_not_hang(r):
+    """close() stops the listener while it may still be subscribing; that once could wait for ever."""
+    async def main():
+        for i in range(20):
+            q = FQ(URL)
+            await q.release(await q.acquire(upstream_id=1, capacity=16 if i % 2 else 2, member_id=1))
+            await asyncio.wait_for(q.close(), 3.0)
+            _queues.remove(q)
+        assert r.zcard(K + "held") == 0
+
+    run(main())
+
+
 # --- Redis unavailable -----------------------------------------------------------------------
 def test_redis_down_degrades_to_local(r, caplog):
     async def main():
-        q = FQ(f"redis://127.0.0.1:{free_port()}/11")
+        q = FQ(f"redis://127.0.0.1:{free_port()}/{DB}")
         held = peak = 0
 
         async def worker(member):
@@ -356,7 +370,7 @@ def test_redis_outage_and_recovery(r):
     async def main():
         fwd = Forwarder()
         await fwd.start()
-        q = FQ(f"redis://127.0.0.1:{fwd.port}/11")
+        q = FQ(f"redis://127.0.0.1:{fwd.port}/{DB}")
         q.redis_retry_interval = 0.3
         kept = await q.acquire(upstream_id=1, capacity=2, member_id=1)
         assert r.zcard(K + "held") == 1 and q.degraded_total == 0
@@ -376,7 +390,7 @@ def test_redis_outage_and_recovery(r):
         assert r.zrange(K + "held", 0, -1) == [back.token]
         errors = q.redis_errors_total
         await q.release(back)
-        assert q.redis_errors_total == errors, q._pending
+        assert q.redis_errors_total == errors, q._redis.pending.items
         assert r.zcard(K + "held") == 0
         await q.close()
         await fwd.stop()
@@ -388,7 +402,7 @@ def test_waiter_queued_in_redis_moves_to_local_when_redis_goes(r):
     async def main():
         fwd = Forwarder()
         await fwd.start()
-        q = FQ(f"redis://127.0.0.1:{fwd.port}/11")
+        q = FQ(f"redis://127.0.0.1:{fwd.port}/{DB}")
         holder = await q.acquire(upstream_id=1, capacity=1, member_id=1)
         waiter = asyncio.create_task(q.acquire(upstream_id=1, capacity=1, member_id=2))
         await until(lambda: r.hlen(K + "wait") == 1)
@@ -398,7 +412,7 @@ def test_waiter_queued_in_redis_moves_to_local_when_redis_goes(r):
         assert q.stats(1) == {"in_flight": 1, "queued": 0}  # local bookkeeping while Redis is down
         await q.release(slot)
         await q.release(holder)  # deferred until Redis is back
-        assert len(q._pending) >= 2
+        assert len(q._redis.pending) >= 2
 
     run(main())
 
@@ -419,21 +433,22 @@ def test_disabled_never_blocks(r):
 
 # --- fast path: kept slots below the saturation threshold ------------------------------------
 def count_scripts(q: FairQueue) -> dict:
-    """Wrap q's Redis scripts to count their calls."""
+    """Wrap q's Redis scripts to count their calls (counted as _s_acquire, _s_release, ...)."""
     calls = {}
-    for name in ("_s_acquire", "_s_release", "_s_withdraw", "_s_sync"):
-        script = getattr(q, name)
+    scripts = q._redis.scripts
+    for name in ("acquire", "release", "withdraw", "sync"):
+        script = getattr(scripts, name)
 
-        async def counted(*args, _script=script, _name=name, **kwargs):
+        async def counted(*args, _script=script, _name="_s_" + name, **kwargs):
             calls[_name] = calls.get(_name, 0) + 1
             return await _script(*args, **kwargs)
 
-        setattr(q, name, counted)
+        setattr(scripts, name, counted)
     return calls
 
 
 def test_fast_path_makes_no_redis_call_below_the_threshold(r, monkeypatch):
-    import proxy.gateway.fairness.queue as fairness
+    import proxy.gateway.fairness.kept as fairness
 
     monkeypatch.setattr(fairness, "FRESH", 5.0)  # no view refresh within this test
     monkeypatch.setattr(fairness, "LINGER", 5.0)
@@ -460,7 +475,7 @@ def test_fast_path_makes_no_redis_call_below_the_threshold(r, monkeypatch):
 
 
 def test_fast_path_refreshes_its_view_and_gives_idle_slots_back(r, monkeypatch):
-    import proxy.gateway.fairness.queue as fairness
+    import proxy.gateway.fairness.kept as fairness
 
     monkeypatch.setattr(fairness, "LINGER", 0.2)
 
@@ -599,20 +614,20 @@ def test_kept_slots_left_after_a_slow_refresh_still_go_back(r):
     """The linger timer may fire while a refresh script runs (the pool looks empty then): the kept
     slots that come back from the refresh must still be given back once idle, not stay held until
     the process next releases a slot."""
-    import proxy.gateway.fairness.queue as fq
+    import proxy.gateway.fairness.kept as fq
 
     async def main():
         a, b = FQ(URL), FQ(URL)
         slots = [await a.acquire(upstream_id=1, capacity=8, member_id=1) for _ in range(3)]
         for s in slots:
             await a.release(s)  # kept by a
-        real_sync = a._s_sync
+        real_sync = a._redis.scripts.sync
 
         async def slow_sync(*args, **kwargs):
             await asyncio.sleep(fq.LINGER * 2)  # the linger timer fires meanwhile
             return await real_sync(*args, **kwargs)
 
-        a._s_sync = slow_sync
+        a._redis.scripts.sync = slow_sync
         await asyncio.sleep(fq.FRESH * 1.5)  # a's view of Redis is stale: its next acquire refreshes it
         reused = await a.acquire(upstream_id=1, capacity=8, member_id=1)
         assert reused.token in [s.token for s in slots]  # served from the kept pool
@@ -632,7 +647,7 @@ def test_kept_slots_are_replayed_after_an_outage(r):
     async def main():
         fwd = Forwarder()
         await fwd.start()
-        q = FQ(f"redis://127.0.0.1:{fwd.port}/11")
+        q = FQ(f"redis://127.0.0.1:{fwd.port}/{DB}")
         q.redis_retry_interval = 0.3
         await q.release(await q.acquire(upstream_id=1, capacity=16, member_id=1))
         assert r.zcard(K + "held") == 1  # kept

@@ -40,7 +40,7 @@ def test_concurrency_slot_survives_a_redis_blip_at_settlement():
         await limiter.settle(first, 10)  # Redis "down": kept for replay
         assert limiter._pending and limiter.degraded_total == 1
         limiter._settle = real_settle
-        limiter._redis_down_until = 0.0  # the blip is over
+        limiter.fallback.down_until = 0.0  # the blip is over
         second = await limiter.admit(key, "r2", 10)  # replays the first settlement before it
         assert second is not None and not second.local and not limiter._pending
         await limiter.settle(second, 10)
