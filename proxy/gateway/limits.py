@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 
+from proxy.gateway import errors
 from proxy.gateway.errors import ApiError
 from proxy.gateway.keys import KeyInfo
 from proxy.gateway.redis_link import REDIS_ERRORS, Fallback, RedisLink, Replay
@@ -219,17 +220,15 @@ class RateLimiter:
                  headers: list[tuple[bytes, bytes]]) -> ApiError:
         """The 429 for a refused admission."""
         if verdict == "too_large":
-            return ApiError(429, REQUEST_TOO_LARGE_FOR_TPM.format(tokens=tokens, limit=tpm), "tokens",
-                            code="rate_limit_exceeded", headers=headers + [(b"x-should-retry", b"false")])
+            return errors.over_rate_limit(REQUEST_TOO_LARGE_FOR_TPM.format(tokens=tokens, limit=tpm), headers=headers)
         if verdict == "concurrency":
             message = TOO_MANY_CONCURRENT.format(limit=conc)
             wait_ms = 1000  # the soonest a slot is likely free; the SDK backs off from here
         else:
             what, limit = ("requests", rpm) if verdict == "requests" else ("tokens", tpm)
             message = RATE_LIMITED.format(what=what, limit=limit, per="minute", seconds=wait_ms / 1000)
-        headers += [(b"retry-after-ms", str(wait_ms).encode()), (b"retry-after", str(math.ceil(wait_ms / 1000)).encode())]
-        return ApiError(429, message, "requests" if verdict != "tokens" else "tokens", code="rate_limit_exceeded",
-                        headers=headers)
+        return errors.rate_limited(message, kind="tokens" if verdict == "tokens" else "requests", wait_ms=wait_ms,
+                                   headers=headers)
 
     @staticmethod
     def _headers(rpm: int, tpm: int, r_level: float, t_level: float) -> list[tuple[bytes, bytes]]:
