@@ -7,7 +7,9 @@ from django.db import connection
 from django.test import override_settings
 
 from billing.models import UsageRecord
-from proxy.gateway.db import AsyncPostgres, DatabaseUnavailable, numbered
+from proxy.gateway.db import DatabaseUnavailable
+from proxy.gateway.ledger.combiner import Combiner
+from proxy.gateway.ledger.pool import AsyncPostgres, numbered
 from proxy.gateway.tests.conftest import MODEL, make_world, wait_for
 from tenants.models import QuotaCounter
 
@@ -114,8 +116,6 @@ def test_requests_survive_a_database_restart(transactional_db, gateway, sim):
 
 
 def test_combiner_runs_a_lone_call_at_once_and_batches_what_waits():
-    from proxy.gateway.db import Combiner
-
     calls = []
 
     async def single(key, item):
@@ -141,8 +141,6 @@ def test_combiner_runs_a_lone_call_at_once_and_batches_what_waits():
 
 
 def test_combiner_fails_a_batch_together_and_hands_orphans_over():
-    from proxy.gateway.db import Combiner
-
     orphans = []
 
     async def single(key, item):
