@@ -3,35 +3,54 @@
 This is the request path's whole interface to the quota counters and usage rows:
 
 - ``await reserve(key=..., tokens=...)`` → a ``Reservation``, or raises the quota's 429
-  (``QuotaExceeded``) or a 503 when the database is unavailable;
+  (``QuotaExceeded``) or a 503 when the database is unavailable (``DatabaseUnavailable``);
 - ``await settle(row=..., usage=..., reservation=...)`` writes the request's one usage row
-  and, with a reservation, releases it and charges the real usage (idempotent by request id).
+  and, with a reservation, releases it and charges the real usage (idempotent by request id);
+- ``await close()`` closes the process's ledger connections (at shutdown).
 
-The rule itself (worst case, what is charged, the statements) is ``tenants.quota``.
+The rule itself (worst case, what is charged, the statements) is ``tenants.quota``. The
+process's back-end follows Django's default database (``backend()``):
+
+- ``postgres``: asyncpg on the event loop (``pool``), a member's bursts combined (``combiner``);
+- ``sqlite``: Django's cursor in a worker thread (embedded mode).
+
+Both implement ``base.Ledger`` and are held to one contract (tests/test_ledger_contract.py);
+``records`` holds what they read and write (Usage, UsageRow, Reservation, Settlement).
 """
-from proxy.gateway.admission import QuotaExceeded, Reservation
-from proxy.gateway.admission import reserve as _reserve
-from proxy.gateway.db import close_async_postgres
-from proxy.gateway.keys import KeyInfo
-from proxy.gateway.metering import Usage, UsageRow
-from proxy.gateway.metering import settle as _settle
+from django.db import connections
 
-__all__ = ["QuotaExceeded", "Reservation", "Usage", "UsageRow", "close", "reserve", "settle"]
+from proxy.gateway.keys import KeyInfo
+from proxy.gateway.ledger.base import Ledger, QuotaExceeded
+from proxy.gateway.ledger.postgres import PostgresLedger
+from proxy.gateway.ledger.records import Reservation, Usage, UsageRow
+from proxy.gateway.ledger.sqlite import SqliteLedger
+
+__all__ = ["Ledger", "QuotaExceeded", "Reservation", "Usage", "UsageRow", "backend", "close", "reserve", "settle"]
+
+_backend: Ledger | None = None
+
+
+def backend() -> Ledger:
+    """The process's back-end: PostgreSQL when Django's default database is PostgreSQL, else SQLite."""
+    global _backend
+    if _backend is None:
+        _backend = PostgresLedger() if connections["default"].vendor == "postgresql" else SqliteLedger()
+    return _backend
 
 
 async def reserve(*, key: KeyInfo, tokens: int) -> Reservation:
     """Reserve one request and `tokens` tokens for key's member this period, or raise QuotaExceeded."""
-    return await _reserve(key, tokens)
+    return await backend().reserve(key=key, tokens=tokens)
 
 
 async def settle(*, row: UsageRow, usage: Usage, reservation: Reservation | None = None) -> None:
     """Write the request's usage row; with a reservation, release it and charge the real usage."""
-    if reservation is None:
-        await _settle(row, usage)
-    else:
-        await _settle(row, usage, reservation.counter_id, reservation.tokens, reservation.team_counter_id)
+    await backend().settle(row=row, usage=usage, reservation=reservation)
 
 
 async def close() -> None:
-    """Close the process's database connections of the request path (at shutdown)."""
-    await close_async_postgres()
+    """Close the process's database connections of the request path (at shutdown, or a loop's end)."""
+    global _backend
+    if _backend is not None:
+        ledger, _backend = _backend, None
+        await ledger.close()

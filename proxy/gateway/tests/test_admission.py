@@ -1,13 +1,12 @@
-"""Reservations on PostgreSQL: a member's concurrent reservations are combined, and the quota still holds exactly."""
+"""The ledger's PostgreSQL back-end: a member's concurrent reservations are combined, and the quota holds exactly."""
 import asyncio
 from unittest import mock
 
 import pytest
 
-from proxy.gateway import admission
-from proxy.gateway.admission import QuotaExceeded, reserve
-from proxy.gateway.db import close_async_postgres
+from proxy.gateway import ledger
 from proxy.gateway.keys import authenticate, forget_all
+from proxy.gateway.ledger import QuotaExceeded, postgres
 from tenants.models import QuotaCounter
 from tenants.services import api_key_issue, member_add, team_create
 
@@ -20,7 +19,7 @@ def _reserve_concurrently(n: int, tokens: int, **quota) -> tuple[list, list[str]
     _, raw = api_key_issue(member=member)
     forget_all()
     statements = []
-    real_single, real_many = admission._reserve_async, admission._reserve_many_async
+    real_single, real_many = postgres._reserve, postgres._reserve_many
 
     async def single(conn, *args):
         statements.append("one")
@@ -34,13 +33,13 @@ def _reserve_concurrently(n: int, tokens: int, **quota) -> tuple[list, list[str]
     async def run():
         try:
             key = await authenticate(raw)
-            with mock.patch.object(admission, "_reserve_async", single), \
-                    mock.patch.object(admission, "_reserve_many_async", many):
-                results = await asyncio.gather(*(reserve(key, tokens) for _ in range(n)), return_exceptions=True)
-            assert not admission._reservations.waiting
+            with mock.patch.object(postgres, "_reserve", single), mock.patch.object(postgres, "_reserve_many", many):
+                results = await asyncio.gather(*(ledger.reserve(key=key, tokens=tokens) for _ in range(n)),
+                                               return_exceptions=True)
+            assert not ledger.backend()._reservations.waiting
             return results
         finally:
-            await close_async_postgres()
+            await ledger.close()
 
     return asyncio.run(run()), statements
 
@@ -75,7 +74,7 @@ def test_a_reservation_cancelled_while_it_waits_is_given_back():
     member = member_add(team=team, username="ada", token_quota=1_000_000)
     _, raw = api_key_issue(member=member)
     forget_all()
-    real_single = admission._reserve_async
+    real_single = postgres._reserve
 
     async def slow_single(conn, *args):
         await asyncio.sleep(0.05)
@@ -84,17 +83,18 @@ def test_a_reservation_cancelled_while_it_waits_is_given_back():
     async def run():
         try:
             key = await authenticate(raw)
-            with mock.patch.object(admission, "_reserve_async", slow_single):
-                tasks = [asyncio.ensure_future(reserve(key, 100)) for _ in range(5)]
+            with mock.patch.object(postgres, "_reserve", slow_single):
+                tasks = [asyncio.ensure_future(ledger.reserve(key=key, tokens=100)) for _ in range(5)]
                 await asyncio.sleep(0.01)  # the first runs alone, the other four wait for it
-                assert [len(queue) for queue in admission._reservations.waiting.values()] == [4]
+                reservations = ledger.backend()._reservations
+                assert [len(queue) for queue in reservations.waiting.values()] == [4]
                 tasks[3].cancel()
                 results = await asyncio.gather(*tasks, return_exceptions=True)
-                while admission._reservations.waiting:
+                while reservations.waiting:
                     await asyncio.sleep(0.01)
             return results
         finally:
-            await close_async_postgres()
+            await ledger.close()
 
     results = asyncio.run(run())
     assert isinstance(results[3], asyncio.CancelledError)
@@ -115,9 +115,9 @@ def test_a_month_opens_with_the_quota_of_that_instant_not_the_key_caches():
             key = await authenticate(raw)  # caches token_quota=1_000_000
             await asyncio.to_thread(lambda: type(member).objects.filter(pk=member.pk).update(token_quota=50))
             with pytest.raises(QuotaExceeded):
-                await reserve(key, 100)
+                await ledger.reserve(key=key, tokens=100)
         finally:
-            await close_async_postgres()
+            await ledger.close()
 
     asyncio.run(run())
     assert QuotaCounter.objects.get(member=member).token_limit == 50

@@ -1,13 +1,16 @@
 """The gateway's PostgreSQL pool: cheap when healthy, a clear 503 when not, nothing lost across a restart."""
 import asyncio
 
+import asyncpg
 import psycopg
 import pytest
 from django.db import connection
 from django.test import override_settings
 
 from billing.models import UsageRecord
-from proxy.gateway.db import AsyncPostgres, DatabaseUnavailable, numbered
+from proxy.gateway.db import DatabaseUnavailable
+from proxy.gateway.ledger.combiner import Combiner
+from proxy.gateway.ledger.pool import AsyncPostgres, numbered
 from proxy.gateway.tests.conftest import MODEL, make_world, wait_for
 from tenants.models import QuotaCounter
 
@@ -16,13 +19,16 @@ MESSAGES = [{"role": "user", "content": "Say hi."}]
 APP = "qwenhub-gateway"
 
 
-def _kill_gateway_connections(pid: int | None = None) -> int:
-    """Terminate hot-path pool connections to the test database (all, or one backend), as a restart would."""
+def _kill_gateway_connections(pid: int | None = None, wait_ms: int = 0) -> int:
+    """Terminate hot-path pool connections to the test database (all, or one backend), as a restart would.
+
+    With `wait_ms` each termination waits until the backend has exited (its goodbye is sent).
+    """
     with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True) as admin:
         return admin.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = %s "
+            "SELECT count(pg_terminate_backend(pid, %s)) FROM pg_stat_activity WHERE application_name = %s "
             "AND datname = %s AND (%s::int IS NULL OR pid = %s::int)",
-            [APP, connection.settings_dict["NAME"], pid, pid]).fetchone()[0]
+            [wait_ms, APP, connection.settings_dict["NAME"], pid, pid]).fetchone()[0]
 
 
 def test_numbered_placeholders():
@@ -52,6 +58,62 @@ def test_pool_reuses_connections_and_replaces_a_dead_one():
                 pass
             assert await pg.run(_select, 4) == 5
             assert pg.free and first not in pg.free
+        finally:
+            await pg.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_ended_while_idle_is_not_used():
+    """The server's goodbye is waiting on the socket, unread (is_closed() is still False): a new connection runs it."""
+    async def run():
+        pg = AsyncPostgres()
+        try:
+            assert await pg.run(_select, 1) == 2
+            first = pg.free[-1]
+            # Called on the loop's thread, the loop cannot read the goodbye before the next run.
+            assert _kill_gateway_connections(first.get_server_pid(), wait_ms=5000) == 1
+            assert not first.is_closed()
+            assert await pg.run(_select, 2) == 3
+            assert first.is_closed() and first not in pg.free and len(pg.free) == 1
+        finally:
+            await pg.close()
+
+    asyncio.run(run())
+
+
+_REFUSED = "cannot switch to state 12; another operation (2) is in progress"  # asyncpg, after an idle goodbye
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_statement_refused_by_a_pooled_connection_runs_once_more_on_a_new_one():
+    """asyncpg refuses to send on a connection that read the server's goodbye while idle: nothing reached the server."""
+    async def run():
+        pg = AsyncPostgres()
+        calls = []
+
+        async def refused_once(conn, value):
+            calls.append(conn)
+            if len(calls) == 1:
+                raise asyncpg.exceptions.InternalClientError(_REFUSED)
+            return await _select(conn, value)
+
+        async def refused_always(conn, value):
+            calls.append(conn)
+            raise asyncpg.exceptions.InternalClientError(_REFUSED)
+
+        try:
+            await pg.run(_select, 1)
+            pooled = pg.free[-1]
+            assert await pg.run(refused_once, 2) == 3
+            assert calls[0] is pooled and calls[1] is not pooled and pg.free == [calls[1]]
+            assert pooled.is_closed()  # dropped
+            calls.clear()
+            with pytest.raises(DatabaseUnavailable):
+                await pg.run(refused_always, 3)  # once more only, and a new connection's refusal is a 503
+            assert len(calls) == 2 and calls[1] is not calls[0] and not pg.free
+            assert pg._slots._value == pg.size
         finally:
             await pg.close()
 
@@ -114,8 +176,6 @@ def test_requests_survive_a_database_restart(transactional_db, gateway, sim):
 
 
 def test_combiner_runs_a_lone_call_at_once_and_batches_what_waits():
-    from proxy.gateway.db import Combiner
-
     calls = []
 
     async def single(key, item):
@@ -141,8 +201,6 @@ def test_combiner_runs_a_lone_call_at_once_and_batches_what_waits():
 
 
 def test_combiner_fails_a_batch_together_and_hands_orphans_over():
-    from proxy.gateway.db import Combiner
-
     orphans = []
 
     async def single(key, item):

@@ -1,4 +1,4 @@
-"""Settlement on PostgreSQL: a member's concurrent settlements are combined, and still exact and idempotent."""
+"""The ledger's PostgreSQL back-end: a member's concurrent settlements are combined, still exact and idempotent."""
 import asyncio
 from unittest import mock
 
@@ -6,11 +6,10 @@ import pytest
 from django.utils import timezone
 
 from billing.models import UsageRecord
-from proxy.gateway import metering
-from proxy.gateway.admission import reserve
-from proxy.gateway.db import DatabaseUnavailable, close_async_postgres
+from proxy.gateway import ledger
+from proxy.gateway.db import DatabaseUnavailable
 from proxy.gateway.keys import authenticate, forget_all
-from proxy.gateway.metering import Usage, UsageRow, settle
+from proxy.gateway.ledger import Usage, UsageRow, postgres
 from tenants.models import QuotaCounter, TeamQuotaCounter
 from tenants.services import api_key_issue, member_add, team_create
 
@@ -39,10 +38,10 @@ class StatementLog:
 
     def __init__(self):
         self.sql: list[str] = []
-        self.real = metering._execute
+        self.real = postgres._execute
 
     async def __call__(self, conn, sql, args):
-        self.sql.append("many" if sql in (metering._SETTLE_MANY_PG, metering._SETTLE_MANY_PG_TEAM) else "one")
+        self.sql.append("many" if sql in (postgres._SETTLE_MANY_PG, postgres._SETTLE_MANY_PG_TEAM) else "one")
         await asyncio.sleep(0.01)  # a slow commit: the others queue meanwhile
         await self.real(conn, sql, args)
 
@@ -53,19 +52,19 @@ def _settle_all(raw: str, n: int, twice: bool = False, statuses=None) -> Stateme
     async def run():
         try:
             key = await authenticate(raw)
-            reservations = [await reserve(key, 100) for _ in range(n)]
+            reservations = [await ledger.reserve(key=key, tokens=100) for _ in range(n)]
             jobs = []
             for i, reservation in enumerate(reservations):
                 status = statuses[i] if statuses else UsageRecord.Status.OK
                 usage = Usage(prompt_tokens=i, completion_tokens=2) if status == "ok" else Usage()
                 jobs.append((_row(key, reservation, i, status), usage, reservation))
-            with mock.patch.object(metering, "_execute", log):
+            with mock.patch.object(postgres, "_execute", log):
                 for _ in range(2 if twice else 1):
                     await asyncio.gather(*(
-                        settle(row, usage, r.counter_id, r.tokens, r.team_counter_id) for row, usage, r in jobs))
-            assert not metering._settlements.waiting
+                        ledger.settle(row=row, usage=usage, reservation=r) for row, usage, r in jobs))
+            assert not ledger.backend()._settlements.waiting
         finally:
-            await close_async_postgres()
+            await ledger.close()
 
     asyncio.run(run())
     return log
@@ -110,24 +109,24 @@ def test_a_failed_combined_statement_fails_every_settlement_in_it_and_leaves_not
     async def flaky(conn, sql, args):
         calls.append(sql)
         await asyncio.sleep(0.01)
-        if sql == metering._SETTLE_MANY_PG:
+        if sql == postgres._SETTLE_MANY_PG:
             raise DatabaseUnavailable()
         await real(conn, sql, args)
 
-    real = metering._execute
+    real = postgres._execute
 
     async def run():
         try:
             key = await authenticate(raw)
-            reservations = [await reserve(key, 100) for _ in range(5)]
-            with mock.patch.object(metering, "_execute", flaky):
+            reservations = [await ledger.reserve(key=key, tokens=100) for _ in range(5)]
+            with mock.patch.object(postgres, "_execute", flaky):
                 results = await asyncio.gather(*(
-                    settle(_row(key, r, i), Usage(prompt_tokens=1, completion_tokens=1), r.counter_id, r.tokens)
+                    ledger.settle(row=_row(key, r, i), usage=Usage(prompt_tokens=1, completion_tokens=1), reservation=r)
                     for i, r in enumerate(reservations)), return_exceptions=True)
-            assert not metering._settlements.waiting
+            assert not ledger.backend()._settlements.waiting
             return results
         finally:
-            await close_async_postgres()
+            await ledger.close()
 
     results = asyncio.run(run())
     assert results[0] is None  # the first went alone, and landed

@@ -11,10 +11,9 @@ import openai
 import pytest
 
 from billing.models import UsageRecord
-from proxy.gateway.admission import reserve
-from proxy.gateway.db import close_async_postgres
+from proxy.gateway import ledger
 from proxy.gateway.keys import authenticate, forget_all
-from proxy.gateway.metering import Usage, UsageRow, settle
+from proxy.gateway.ledger import Usage, UsageRow
 from proxy.gateway.tests.conftest import MODEL, SERVED, GatewayProcess, free_port, make_world, wait_for
 from proxy.simulator.testing import start_simulator
 from proxy.simulator.tokens import chat_prompt_tokens
@@ -134,11 +133,11 @@ def test_month_boundary_in_the_team_time_zone(transactional_db):
     async def one(instant: datetime) -> date:
         with mock.patch("django.utils.timezone.now", return_value=instant):
             key = await authenticate(raw)
-            reservation = await reserve(key, 10)
+            reservation = await ledger.reserve(key=key, tokens=10)
             row = UsageRow(request_id=f"r-{instant.timestamp()}", team_id=key.team_id, member_id=key.member_id,
                            api_key_id=key.key_id, period_start=reservation.period_start, endpoint="chat",
                            model=MODEL, started_at=instant)
-            await settle(row, Usage(prompt_tokens=3, completion_tokens=2), reservation.counter_id, reservation.tokens)
+            await ledger.settle(row=row, usage=Usage(prompt_tokens=3, completion_tokens=2), reservation=reservation)
             return reservation.period_start
 
     async def both() -> tuple[date, date]:
@@ -146,7 +145,7 @@ def test_month_boundary_in_the_team_time_zone(transactional_db):
             return (await one(datetime(2026, 11, 30, 15, 59, 59, tzinfo=dt_timezone.utc)),
                     await one(datetime(2026, 11, 30, 16, 0, 1, tzinfo=dt_timezone.utc)))
         finally:
-            await close_async_postgres()  # the pool belongs to this event loop
+            await ledger.close()  # the pool belongs to this event loop
 
     before, after = asyncio.run(both())
     assert (before, after) == (date(2026, 11, 1), date(2026, 12, 1))

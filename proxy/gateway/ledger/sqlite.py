@@ -1,0 +1,101 @@
+"""The ledger on SQLite (embedded mode): the same statements, on Django's cursor in a worker thread.
+
+Reservation is the same conditional UPDATE as on PostgreSQL (tenants.quota), one request at a
+time; under a team cap the member's and the team's reservations go in one transaction.
+SQLite has no data-modifying CTEs, so a settlement is two steps in one transaction: the
+usage row's INSERT (ON CONFLICT DO NOTHING), and only if it inserted a row, the counter
+UPDATEs. Statements are counted like PostgreSQL's (without BEGIN/COMMIT).
+
+With `transaction_mode=IMMEDIATE` (qwenhub.settings) a transaction takes SQLite's write lock
+when it begins, and the busy timeout makes concurrent writers wait for it.
+"""
+from datetime import date
+
+from django.db import connections, transaction
+
+from proxy.gateway.db import run_db
+from proxy.gateway.keys import KeyInfo
+from proxy.gateway.ledger.base import Ledger, NoRoom, full_counter, refusal
+from proxy.gateway.ledger.records import INSERT_USAGE_SQL, Reservation, Settlement
+from proxy.gateway.observability import RESERVE_STATEMENTS, SETTLE_STATEMENTS
+from tenants import quota
+from tenants.models import QuotaCounter, TeamQuotaCounter
+from tenants.periods import period_start_for
+
+
+def _take(cursor, reserve_sql: str, reserve_args: list, open_sql: str, open_args: list) -> int | None:
+    """Run a conditional reservation UPDATE, opening the period's row first if it is missing."""
+    RESERVE_STATEMENTS.inc()
+    cursor.execute(reserve_sql, reserve_args)
+    row = cursor.fetchone()
+    if row:
+        return row[0]
+    # No row: either the first request of the period, or no room left.
+    # (A concurrent first request may have opened it already: retry either way.)
+    RESERVE_STATEMENTS.inc(2)
+    cursor.execute(open_sql, open_args)
+    cursor.execute(reserve_sql, reserve_args)
+    row = cursor.fetchone()
+    return row[0] if row else None
+
+
+class SqliteLedger(Ledger):
+    """The ledger on a Django SQLite database (`using`: its alias, the default one in embedded mode)."""
+
+    def __init__(self, using: str = "default") -> None:
+        self.using = using
+
+    async def reserve(self, *, key: KeyInfo, tokens: int) -> Reservation:
+        start = period_start_for(key.team_timezone)
+        result = await run_db(self._reserve_or_read, key, start, tokens)
+        if isinstance(result, Reservation):
+            return result
+        raise refusal(key, start, tokens, result)
+
+    def _reserve_or_read(self, key: KeyInfo, start: date, tokens: int) -> Reservation | QuotaCounter | TeamQuotaCounter:
+        """The reservation, or the counter that has no room left (in one trip to the worker thread)."""
+        result = self._reserve(key, start, tokens)
+        return result if isinstance(result, Reservation) else full_counter(key, start, result, self.using)
+
+    def _reserve(self, key: KeyInfo, start: date, tokens: int) -> Reservation | NoRoom:
+        member_args = [tokens, key.member_id, start, tokens]
+        open_args = quota.open_args(member_id=key.member_id, start=start)
+        with connections[self.using].cursor() as cursor:
+            if key.team_token_cap is None:
+                counter_id = _take(cursor, quota.RESERVE_SQL, member_args, quota.OPEN_SQL, open_args)
+                if counter_id is None:
+                    return "member"
+                return Reservation(counter_id=counter_id, period_start=start, tokens=tokens)
+            # The member's and the team's reservations stand or fall together.
+            with transaction.atomic(using=self.using):
+                counter_id = _take(cursor, quota.RESERVE_SQL, member_args, quota.OPEN_SQL, open_args)
+                if counter_id is None:
+                    return "member"
+                team_id = _take(cursor, quota.TEAM_RESERVE_SQL, [tokens, key.team_id, start, tokens],
+                                quota.TEAM_OPEN_SQL, quota.team_open_args(team_id=key.team_id, start=start))
+                if team_id is None:
+                    transaction.set_rollback(True, using=self.using)  # the member's reservation goes too
+                    return "team"
+                return Reservation(counter_id=counter_id, period_start=start, tokens=tokens, team_counter_id=team_id)
+
+    async def record(self, settlement: Settlement) -> None:
+        await run_db(self._record, settlement)
+
+    def _record(self, s: Settlement) -> None:
+        with connections[self.using].cursor() as cursor:
+            if s.counter_id is None:
+                SETTLE_STATEMENTS.inc()
+                cursor.execute(INSERT_USAGE_SQL, s.values)
+                return
+            with transaction.atomic(using=self.using):
+                SETTLE_STATEMENTS.inc()
+                cursor.execute(INSERT_USAGE_SQL, s.values)
+                if cursor.rowcount == 1:  # not settled before
+                    SETTLE_STATEMENTS.inc(1 if s.team_counter_id is None else 2)
+                    cursor.execute(quota.SETTLE_SQL,
+                                   [s.reserved_tokens, s.charged_requests, s.total_tokens, s.counter_id])
+                    if s.team_counter_id is not None:
+                        cursor.execute(quota.TEAM_SETTLE_SQL, [s.reserved_tokens, s.total_tokens, s.team_counter_id])
+
+    async def close(self) -> None:
+        """Nothing to close: the connections are Django's, one per worker thread."""

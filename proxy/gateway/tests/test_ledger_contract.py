@@ -1,0 +1,278 @@
+"""One contract for both back-ends of the ledger: every test runs on PostgreSQL and on SQLite.
+
+The SQLite back-end needs a migrated SQLite database, while the session's Django database is
+PostgreSQL (the root conftest insists). So a second database alias, ``embedded``, exists only
+while this module runs: a module fixture adds it to Django's connections, pointing at a
+temporary SQLite file configured as qwenhub.settings configures the embedded default (WAL,
+IMMEDIATE transactions, 20 s busy timeout), and migrates it. The tests declare both aliases
+(``databases=[...]``), so pytest-django lets them use both and flushes both after each test.
+Settings, the root conftest and the PostgreSQL test database stay as they are.
+
+A test builds its members with the ORM on the back-end's own database (``world.member``)
+and calls the back-end through the ``Ledger`` interface: ``PostgresLedger`` on the test
+database (asyncpg, so data is committed: ``transaction=True``) and ``SqliteLedger`` on
+``embedded``. Both must pass the same assertions.
+"""
+import asyncio
+import itertools
+from dataclasses import dataclass
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.db import connections
+from django.utils import timezone
+
+from billing.models import UsageRecord
+from proxy.gateway import ledger
+from proxy.gateway.keys import KeyInfo
+from proxy.gateway.ledger import Ledger, QuotaExceeded, Reservation, Usage, UsageRow
+from proxy.gateway.ledger.postgres import PostgresLedger
+from proxy.gateway.ledger.sqlite import SqliteLedger
+from tenants.models import ApiKey, Member, QuotaCounter, Team, TeamQuotaCounter
+
+EMBEDDED = "embedded"
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", EMBEDDED])
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def embedded_database(django_db_setup, django_db_blocker, tmp_path_factory):
+    """A migrated SQLite file under the alias EMBEDDED, for this module only."""
+    database = {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": str(tmp_path_factory.mktemp("ledger") / "embedded.sqlite3"),
+        "OPTIONS": {"init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                    "transaction_mode": "IMMEDIATE", "timeout": 20},
+    }
+    configured = connections.configure_settings({**connections.settings, EMBEDDED: database})
+    connections.settings[EMBEDDED] = configured[EMBEDDED]
+    try:
+        with django_db_blocker.unblock():
+            call_command("migrate", database=EMBEDDED, verbosity=0, interactive=False)
+        yield
+    finally:
+        connections[EMBEDDED].close()
+        del connections.settings[EMBEDDED]
+
+
+@dataclass
+class World:
+    """A back-end and its database alias; members are created there."""
+
+    ledger: Ledger
+    using: str
+
+    def member(self, *, request_quota=None, token_quota=None, team: Team | None = None, token_cap=None) -> KeyInfo:
+        """A member with one key on the back-end's database, as the gateway's key cache describes it."""
+        n = next(_names)
+        if team is None:
+            team = Team.objects.using(self.using).create(slug=f"team-{n}", name=f"Team {n}", token_cap=token_cap)
+        user = get_user_model().objects.db_manager(self.using).create(username=f"user-{n}")
+        member = Member.objects.using(self.using).create(team=team, user=user, request_quota=request_quota,
+                                                         token_quota=token_quota)
+        key = ApiKey.objects.using(self.using).create(member=member, prefix=f"qh-{n}", key_hash=f"sha256${n}")
+        return KeyInfo(key_id=key.pk, member_id=member.pk, team_id=team.pk, username=user.username,
+                       team_timezone=team.timezone, team_token_cap=team.token_cap, usable=True, expires_at=None,
+                       request_quota=request_quota, token_quota=token_quota, requests_per_minute=None,
+                       tokens_per_minute=None, max_concurrent_requests=None, weight=1, allowed_model_ids=frozenset())
+
+    def team(self, key: KeyInfo) -> Team:
+        return Team.objects.using(self.using).get(pk=key.team_id)
+
+    def counter(self, key: KeyInfo) -> QuotaCounter:
+        return QuotaCounter.objects.using(self.using).get(member_id=key.member_id)
+
+    def team_counter(self, key: KeyInfo) -> TeamQuotaCounter:
+        return TeamQuotaCounter.objects.using(self.using).get(team_id=key.team_id)
+
+    def rows(self, key: KeyInfo):
+        return UsageRecord.objects.using(self.using).filter(member_id=key.member_id)
+
+    def run(self, main):
+        """Run `await main()` in a new event loop, then close the back-end (its connections belong to the loop)."""
+        async def wrapped():
+            try:
+                return await main()
+            finally:
+                await self.ledger.close()
+
+        return asyncio.run(wrapped())
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def world(request) -> World:
+    if request.param == "postgres":
+        return World(PostgresLedger(), "default")
+    return World(SqliteLedger(using=EMBEDDED), EMBEDDED)
+
+
+def _row(key: KeyInfo, reservation: Reservation | None, request_id: str, status="ok", http_status=200) -> UsageRow:
+    start = reservation.period_start if reservation else timezone.now().date().replace(day=1)
+    return UsageRow(request_id=request_id, team_id=key.team_id, member_id=key.member_id, api_key_id=key.key_id,
+                    period_start=start, endpoint="chat", model="m", started_at=timezone.now(), status=status,
+                    http_status=http_status, duration_ms=12.5)
+
+
+def _outcomes(results) -> tuple[int, int]:
+    """(admitted, refused with the quota's 429); anything else fails the test."""
+    unexpected = [r for r in results if not isinstance(r, Reservation | QuotaExceeded)]
+    assert not unexpected, unexpected
+    return sum(isinstance(r, Reservation) for r in results), sum(isinstance(r, QuotaExceeded) for r in results)
+
+
+def test_reserve_within_the_token_quota_and_refuse_what_does_not_fit(world):
+    key = world.member(token_quota=1000)
+
+    async def main():
+        first = await world.ledger.reserve(key=key, tokens=600)
+        with pytest.raises(QuotaExceeded) as refused:
+            await world.ledger.reserve(key=key, tokens=500)
+        last = await world.ledger.reserve(key=key, tokens=400)  # exactly what is left
+        return first, refused.value, last
+
+    first, refused, last = world.run(main)
+    assert first.tokens == 600 and first.counter_id == last.counter_id and first.team_counter_id is None
+    assert refused.status == 429 and refused.code == "insufficient_quota"
+    assert "up to 500 tokens but only 400 of your monthly quota of 1000 tokens remain" in refused.message
+    counter = world.counter(key)
+    assert (counter.token_limit, counter.requests_reserved, counter.tokens_reserved, counter.tokens_used) == (
+        1000, 2, 1000, 0)
+
+
+def test_reserve_within_the_request_quota_and_refuse_over_it(world):
+    key = world.member(request_quota=2)
+
+    async def main():
+        admitted = [await world.ledger.reserve(key=key, tokens=10) for _ in range(2)]
+        with pytest.raises(QuotaExceeded) as refused:
+            await world.ledger.reserve(key=key, tokens=10)
+        return admitted, refused.value
+
+    admitted, refused = world.run(main)
+    assert len(admitted) == 2 and "You have used all 2 requests of your monthly quota" in refused.message
+    counter = world.counter(key)
+    assert (counter.request_limit, counter.requests_reserved, counter.tokens_reserved) == (2, 2, 20)
+
+
+def test_team_cap_holds_across_members_and_a_refusal_holds_nothing(world):
+    ada = world.member(token_cap=1000)
+    bob = world.member(team=world.team(ada))
+
+    async def main():
+        first = await world.ledger.reserve(key=ada, tokens=700)
+        with pytest.raises(QuotaExceeded) as refused:
+            await world.ledger.reserve(key=bob, tokens=400)  # bob has no quota of his own; the team's cap holds
+        return first, refused.value
+
+    first, refused = world.run(main)
+    assert first.team_counter_id == world.team_counter(ada).pk
+    assert "only 300 of your team's monthly cap of 1000 tokens" in refused.message
+    team = world.team_counter(ada)
+    assert (team.token_limit, team.tokens_reserved) == (1000, 700)
+    # bob's reservation went with the team's refusal (and so did his month's row, opened in the same transaction)
+    assert not QuotaCounter.objects.using(world.using).filter(member_id=bob.member_id, requests_reserved__gt=0).exists()
+
+
+def test_settle_charges_the_real_tokens_and_releases_the_rest(world):
+    key = world.member(token_quota=10_000, token_cap=50_000)
+
+    async def main():
+        answered = await world.ledger.reserve(key=key, tokens=500)
+        failed = await world.ledger.reserve(key=key, tokens=300)
+        await world.ledger.settle(row=_row(key, answered, "req-ok"), usage=Usage(prompt_tokens=30, completion_tokens=20,
+                                                                                 cached_tokens=16),
+                                  reservation=answered)
+        await world.ledger.settle(row=_row(key, failed, "req-failed", status="upstream_error", http_status=502),
+                                  usage=Usage(), reservation=failed)
+
+    world.run(main)
+    counter, team = world.counter(key), world.team_counter(key)
+    assert (counter.requests_used, counter.tokens_used, counter.requests_reserved, counter.tokens_reserved) == (
+        1, 50, 0, 0)  # the failed request used nothing and counts against no quota
+    assert (team.tokens_used, team.tokens_reserved) == (50, 0)
+    ok = world.rows(key).get(request_id="req-ok")
+    assert (ok.prompt_tokens, ok.completion_tokens, ok.total_tokens, ok.cached_tokens) == (30, 20, 50, 16)
+    assert (ok.status, ok.http_status, ok.duration_ms, ok.api_key_id) == ("ok", 200, 12.5, key.key_id)
+    assert world.rows(key).get(request_id="req-failed").http_status == 502
+
+
+def test_settling_twice_writes_one_row_and_charges_once(world):
+    key = world.member(token_quota=10_000, token_cap=50_000)
+
+    async def main():
+        reservation = await world.ledger.reserve(key=key, tokens=500)
+        row, usage = _row(key, reservation, "req-1"), Usage(prompt_tokens=30, completion_tokens=20)
+        await world.ledger.settle(row=row, usage=usage, reservation=reservation)
+        await world.ledger.settle(row=row, usage=usage, reservation=reservation)
+
+    world.run(main)
+    assert world.rows(key).count() == 1
+    counter, team = world.counter(key), world.team_counter(key)
+    assert (counter.requests_used, counter.tokens_used, counter.requests_reserved, counter.tokens_reserved) == (
+        1, 50, 0, 0)
+    assert (team.tokens_used, team.tokens_reserved) == (50, 0)
+
+
+def test_a_rejected_request_is_a_row_without_a_reservation(world):
+    key = world.member(request_quota=1)
+
+    async def main():
+        reservation = await world.ledger.reserve(key=key, tokens=10)
+        await world.ledger.settle(row=_row(key, None, "req-refused", status="rejected", http_status=429),
+                                  usage=Usage())
+        return reservation
+
+    world.run(main)
+    row = world.rows(key).get()
+    assert (row.request_id, row.status, row.http_status, row.total_tokens) == ("req-refused", "rejected", 429, 0)
+    counter = world.counter(key)
+    assert (counter.requests_used, counter.requests_reserved, counter.tokens_reserved) == (0, 1, 10)  # untouched
+
+
+def test_concurrent_reservations_against_one_quota_admit_exactly_what_fits(world):
+    tokens_key, requests_key = world.member(token_quota=1000), world.member(request_quota=5)
+
+    async def main():
+        by_tokens = await asyncio.gather(*(world.ledger.reserve(key=tokens_key, tokens=100) for _ in range(20)),
+                                         return_exceptions=True)
+        by_requests = await asyncio.gather(*(world.ledger.reserve(key=requests_key, tokens=1) for _ in range(12)),
+                                           return_exceptions=True)
+        return by_tokens, by_requests
+
+    by_tokens, by_requests = world.run(main)
+    assert _outcomes(by_tokens) == (10, 10)
+    assert _outcomes(by_requests) == (5, 7)
+    counter = world.counter(tokens_key)
+    assert (counter.requests_reserved, counter.tokens_reserved, counter.tokens_used) == (10, 1000, 0)
+    assert world.counter(requests_key).requests_reserved == 5
+
+
+def test_concurrent_settlements_of_one_member_are_exact(world):
+    key = world.member(token_quota=100_000, token_cap=1_000_000)
+
+    async def main():
+        reservations = await asyncio.gather(*(world.ledger.reserve(key=key, tokens=100) for _ in range(12)))
+        await asyncio.gather(*(
+            world.ledger.settle(row=_row(key, r, f"req-{i}"), usage=Usage(prompt_tokens=i, completion_tokens=2),
+                                reservation=r)
+            for i, r in enumerate(reservations)))
+
+    world.run(main)
+    counter, team = world.counter(key), world.team_counter(key)
+    used = sum(i + 2 for i in range(12))
+    assert (counter.requests_used, counter.tokens_used, counter.requests_reserved, counter.tokens_reserved) == (
+        12, used, 0, 0)
+    assert (team.tokens_used, team.tokens_reserved) == (used, 0)
+    assert world.rows(key).count() == 12
+
+
+def test_the_process_back_end_follows_the_default_database():
+    with mock.patch.object(ledger, "_backend", None):
+        assert isinstance(ledger.backend(), PostgresLedger)
+    with mock.patch.object(ledger, "_backend", None), \
+            mock.patch.object(ledger, "connections", {"default": SimpleNamespace(vendor="sqlite")}):
+        backend = ledger.backend()
+        assert isinstance(backend, SqliteLedger) and backend.using == "default"
