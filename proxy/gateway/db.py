@@ -13,15 +13,11 @@ from typing import TypeVar
 from asgiref.sync import sync_to_async
 from django.db import DatabaseError, InterfaceError, OperationalError, connection
 
-from proxy.gateway.errors import DATABASE_UNAVAILABLE, ApiError
+from proxy.gateway import errors
+from proxy.gateway.errors import DatabaseUnavailable  # noqa: F401  (callers catch it by this name too)
 
 log = logging.getLogger("qwenhub.gateway")
 T = TypeVar("T")
-
-
-class DatabaseUnavailable(ApiError):
-    def __init__(self) -> None:
-        super().__init__(503, DATABASE_UNAVAILABLE, "service_unavailable", code="database_unavailable")
 
 
 def _guarded(fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
@@ -33,7 +29,7 @@ def _guarded(fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
             connection.close()
         except DatabaseError:
             pass
-        raise DatabaseUnavailable() from exc
+        raise errors.database_unavailable() from exc
 
 
 async def run_db(fn: Callable[..., T], *args, **kwargs) -> T:

@@ -19,8 +19,9 @@ Both implement ``base.Ledger`` and are held to one contract (tests/test_ledger_c
 """
 from django.db import connections
 
+from proxy.gateway.errors import QuotaExceeded
 from proxy.gateway.keys import KeyInfo
-from proxy.gateway.ledger.base import Ledger, QuotaExceeded
+from proxy.gateway.ledger.base import Ledger
 from proxy.gateway.ledger.postgres import PostgresLedger
 from proxy.gateway.ledger.records import Reservation, Usage, UsageRow
 from proxy.gateway.ledger.sqlite import SqliteLedger

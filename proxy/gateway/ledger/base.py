@@ -9,7 +9,8 @@ from abc import ABC, abstractmethod
 from datetime import date
 from typing import Literal
 
-from proxy.gateway.errors import ApiError
+from proxy.gateway import errors
+from proxy.gateway.errors import QuotaExceeded
 from proxy.gateway.keys import KeyInfo
 from proxy.gateway.ledger.records import Reservation, Settlement, Usage, UsageRow
 from tenants import quota
@@ -18,12 +19,6 @@ from tenants.periods import period_reset_at
 
 # Whose counter had no room for a reservation: the member's, or the team's cap.
 NoRoom = Literal["member", "team"]
-
-
-class QuotaExceeded(ApiError):
-    def __init__(self, message: str) -> None:
-        super().__init__(429, message, "insufficient_quota", code="insufficient_quota",
-                         headers=[(b"x-should-retry", b"false")])
 
 
 class Ledger(ABC):
@@ -56,7 +51,7 @@ def full_counter(key: KeyInfo, start: date, no_room: NoRoom, using: str) -> Quot
 def refusal(key: KeyInfo, start: date, tokens: int, counter: QuotaCounter | TeamQuotaCounter) -> QuotaExceeded:
     """The 429 for a request of `tokens` tokens that does not fit `counter`."""
     tz = key.team_timezone
-    return QuotaExceeded(quota.refusal_message(
+    return errors.quota_exceeded(quota.refusal_message(
         team_cap=isinstance(counter, TeamQuotaCounter), need=tokens,
         request_limit=getattr(counter, "request_limit", None), requests_used=getattr(counter, "requests_used", 0),
         requests_reserved=getattr(counter, "requests_reserved", 0), token_limit=counter.token_limit,

@@ -19,7 +19,7 @@ import select
 import asyncpg
 from django.conf import settings
 
-from proxy.gateway.db import DatabaseUnavailable
+from proxy.gateway import errors
 
 log = logging.getLogger("qwenhub.gateway")
 
@@ -91,7 +91,7 @@ class AsyncPostgres:
                     await self._slots.acquire()
             except TimeoutError:
                 log.warning("database unavailable: no pooled connection within %ss", settings.QWENHUB_DB_POOL_TIMEOUT)
-                raise DatabaseUnavailable() from None
+                raise errors.database_unavailable() from None
         else:
             await self._slots.acquire()  # returns at once
         while self.free and not fresh:
@@ -105,7 +105,7 @@ class AsyncPostgres:
             self._slots.release()
             if isinstance(exc, CONNECTION_ERRORS):
                 log.warning("database unavailable: %s", exc.__class__.__name__)
-                raise DatabaseUnavailable() from exc
+                raise errors.database_unavailable() from exc
             raise
 
     def _release(self, conn: asyncpg.Connection, broken: bool) -> None:
@@ -140,7 +140,7 @@ class AsyncPostgres:
             if pooled and _refused_before_sending(exc):
                 raise _DeadBeforeUse from exc
             log.warning("database unavailable: %s", exc.__class__.__name__)
-            raise DatabaseUnavailable() from exc
+            raise errors.database_unavailable() from exc
         except asyncpg.PostgresError:
             broken = False  # the statement failed; the connection is fine
             raise

@@ -16,12 +16,14 @@ from django.db import connections, transaction
 from proxy.gateway.db import run_db
 from proxy.gateway.keys import KeyInfo
 from proxy.gateway.ledger.base import Ledger, NoRoom, full_counter, refusal
-from proxy.gateway.ledger.records import INSERT_USAGE_SQL, Reservation, Settlement
+from proxy.gateway.ledger.records import INSERT_USAGE_SQL, USAGE_COLUMNS, Reservation, Settlement
 from proxy.gateway.observability import RESERVE_STATEMENTS, SETTLE_STATEMENTS
 from tenants import quota
 from tenants.models import QuotaCounter, TeamQuotaCounter
 from tenants.periods import period_start_for
 
+
+_STARTED_AT = USAGE_COLUMNS.index("started_at")
 
 def _take(cursor, reserve_sql: str, reserve_args: list, open_sql: str, open_args: list) -> int | None:
     """Run a conditional reservation UPDATE, opening the period's row first if it is missing."""
@@ -82,14 +84,18 @@ class SqliteLedger(Ledger):
         await run_db(self._record, settlement)
 
     def _record(self, s: Settlement) -> None:
-        with connections[self.using].cursor() as cursor:
+        connection = connections[self.using]
+        # Stored as the ORM stores it (naive UTC text), so date filters on usage rows compare alike.
+        values = list(s.values)
+        values[_STARTED_AT] = connection.ops.adapt_datetimefield_value(values[_STARTED_AT])
+        with connection.cursor() as cursor:
             if s.counter_id is None:
                 SETTLE_STATEMENTS.inc()
-                cursor.execute(INSERT_USAGE_SQL, s.values)
+                cursor.execute(INSERT_USAGE_SQL, values)
                 return
             with transaction.atomic(using=self.using):
                 SETTLE_STATEMENTS.inc()
-                cursor.execute(INSERT_USAGE_SQL, s.values)
+                cursor.execute(INSERT_USAGE_SQL, values)
                 if cursor.rowcount == 1:  # not settled before
                     SETTLE_STATEMENTS.inc(1 if s.team_counter_id is None else 2)
                     cursor.execute(quota.SETTLE_SQL,

@@ -276,3 +276,18 @@ def test_the_process_back_end_follows_the_default_database():
             mock.patch.object(ledger, "connections", {"default": SimpleNamespace(vendor="sqlite")}):
         backend = ledger.backend()
         assert isinstance(backend, SqliteLedger) and backend.using == "default"
+
+
+def test_a_settled_rows_time_reads_back_and_filters_like_the_orms(world):
+    """Dashboards filter usage rows by time: the row's started_at must compare like any ORM-written time."""
+    key = world.member()
+    row = _row(key, None, "req-time")
+
+    async def main():
+        await world.ledger.settle(row=row, usage=Usage(prompt_tokens=1))
+
+    world.run(main)
+    rows = world.rows(key)
+    assert rows.get().started_at == row.started_at
+    assert rows.filter(started_at__gte=row.started_at, started_at__lte=row.started_at).count() == 1
+    assert rows.filter(started_at__lt=row.started_at).count() == 0

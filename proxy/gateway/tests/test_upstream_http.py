@@ -159,7 +159,7 @@ def test_refused_silent_and_broken_upstreams():
 def test_the_relays_byte_path_gives_what_its_json_path_gives(sim, public):
     """The fast cut of per-chunk usage (chat, one choice) matches the full parse, event by event."""
     from proxy.gateway.relay import _StreamRelay
-    from proxy.gateway.metering import Usage
+    from proxy.gateway.ledger import Usage
 
     body = dict(CHAT, max_tokens=6, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
 
