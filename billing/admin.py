@@ -1,16 +1,14 @@
 """Admin for usage rows (read-only: written by the gateway, billed), billing policies, periods and invoices."""
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin import helpers
 from django.core.exceptions import ValidationError
-from django.template.response import TemplateResponse
 
 from billing.models import BillingPeriod, BillingPolicy, Invoice, InvoiceLine, UsageRecord
 from billing.services import (
     IDLE_PAYER_OTHER_TEAM, billing_policy_update, invoice_adjust, period_finalize, period_set_actual_cost,
 )
 from billing.services.policies import POLICY_FIELDS
-from qwenhub.admin import ReadOnlyAdminMixin, SecretLookupsRefusedMixin
+from qwenhub.admin import ReadOnlyAdminMixin, SecretLookupsRefusedMixin, action_form_response
 
 
 @admin.register(UsageRecord)
@@ -30,7 +28,6 @@ class UsageRecordAdmin(ReadOnlyAdminMixin, SecretLookupsRefusedMixin, admin.Mode
 # Periods and invoices are never edited here: they change only through the billing
 # services (close, actual cost, finalize, adjust), offered as actions, each an audit event.
 
-ACTION_FORM_TEMPLATE = "admin/billing/action_form.html"
 
 
 class BillingPolicyForm(forms.ModelForm):
@@ -130,10 +127,8 @@ class _ServiceActionMixin:
             if done:
                 self.message_user(request, f"{title}: done for {done} row(s).", messages.SUCCESS)
             return None
-        context = {**self.admin_site.each_context(request), "title": title, "intro": intro, "opts": self.model._meta,
-                   "form": form, "objects": objects, "selected": [o.pk for o in objects], "action": action,
-                   "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME}
-        return TemplateResponse(request, ACTION_FORM_TEMPLATE, context)
+        return action_form_response(self, request, title=title, intro=intro, objects=objects, form=form,
+                                    selected=[o.pk for o in objects], action=action)
 
 
 @admin.register(BillingPeriod)

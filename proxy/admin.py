@@ -27,7 +27,9 @@ from proxy.services import (
     upstream_delete,
     upstream_update,
 )
-from qwenhub.admin import SecretLookupsRefusedMixin, ServiceAdminMixin, adopt, form_data, inline_changes
+from qwenhub.admin import (
+    RowServicesAdminMixin, SecretLookupsRefusedMixin, ServiceAdminMixin, adopt, form_data, inline_changes,
+)
 
 MASK = "••••••••"
 
@@ -68,7 +70,7 @@ def masked(value: str) -> str:
 
 
 @admin.register(Upstream)
-class UpstreamAdmin(ServiceAdminMixin, SecretLookupsRefusedMixin, admin.ModelAdmin):
+class UpstreamAdmin(RowServicesAdminMixin, SecretLookupsRefusedMixin, admin.ModelAdmin):
     form = UpstreamForm
     refused_lookup_parts = SecretLookupsRefusedMixin.refused_lookup_parts | {"api_key"}
     list_display = ["name", "base_url", "api_key_masked", "enabled", "max_concurrency", "created_at"]
@@ -88,16 +90,9 @@ class UpstreamAdmin(ServiceAdminMixin, SecretLookupsRefusedMixin, admin.ModelAdm
     def api_key_masked(self, upstream):
         return masked(upstream.api_key)
 
-    def save_with_services(self, request, form, formsets, change):
-        data = form_data(form, UPSTREAM_UPDATE_FIELDS)
-        if change:
-            upstream = upstream_update(upstream=form.instance, data=data, actor=request.user)
-        else:
-            upstream = upstream_create(**data, actor=request.user)
-        adopt(form.instance, upstream)
-
-    def delete_with_service(self, request, obj):
-        upstream_delete(upstream=obj, actor=request.user)
+    service_fields, service_row = UPSTREAM_UPDATE_FIELDS, "upstream"
+    service_create, service_update = staticmethod(upstream_create), staticmethod(upstream_update)
+    service_delete = staticmethod(upstream_delete)
 
 
 class ModelAliasInline(admin.TabularInline):
@@ -151,37 +146,23 @@ class PublicModelAdmin(ServiceAdminMixin, admin.ModelAdmin):
 
 
 @admin.register(ModelRoute)
-class ModelRouteAdmin(ServiceAdminMixin, admin.ModelAdmin):
+class ModelRouteAdmin(RowServicesAdminMixin, admin.ModelAdmin):
     list_display = ["model", "upstream", "served_name", "created_at"]
     list_filter = ["upstream"]
     search_fields = ["model__name", "served_name", "upstream__name"]
     list_select_related = ["model", "upstream"]
 
-    def save_with_services(self, request, form, formsets, change):
-        data = form_data(form, MODEL_ROUTE_UPDATE_FIELDS)
-        if change:
-            route = model_route_update(route=form.instance, data=data, actor=request.user)
-        else:
-            route = model_route_create(**data, actor=request.user)
-        adopt(form.instance, route)
-
-    def delete_with_service(self, request, obj):
-        model_route_delete(route=obj, actor=request.user)
+    service_fields, service_row = MODEL_ROUTE_UPDATE_FIELDS, "route"
+    service_create, service_update = staticmethod(model_route_create), staticmethod(model_route_update)
+    service_delete = staticmethod(model_route_delete)
 
 
 @admin.register(ModelAlias)
-class ModelAliasAdmin(ServiceAdminMixin, admin.ModelAdmin):
+class ModelAliasAdmin(RowServicesAdminMixin, admin.ModelAdmin):
     list_display = ["alias", "model"]
     search_fields = ["alias", "model__name"]
     list_select_related = ["model"]
 
-    def save_with_services(self, request, form, formsets, change):
-        data = form_data(form, MODEL_ALIAS_UPDATE_FIELDS)
-        if change:
-            alias = model_alias_update(alias=form.instance, data=data, actor=request.user)
-        else:
-            alias = model_alias_create(**data, actor=request.user)
-        adopt(form.instance, alias)
-
-    def delete_with_service(self, request, obj):
-        model_alias_delete(alias=obj, actor=request.user)
+    service_fields, service_row = MODEL_ALIAS_UPDATE_FIELDS, "alias"
+    service_create, service_update = staticmethod(model_alias_create), staticmethod(model_alias_update)
+    service_delete = staticmethod(model_alias_delete)

@@ -5,7 +5,9 @@ from django import forms
 from django.contrib import messages
 from django.contrib.admin.options import csrf_protect_m
 from django.core.exceptions import ValidationError
+from django.contrib.admin import helpers
 from django.http import HttpResponseRedirect
+from django.template.response import TemplateResponse
 
 
 class ReadOnlyAdminMixin:
@@ -174,3 +176,39 @@ class ServiceAdminMixin:
 
 
 # --- Teams and members ------------------------------------------------------------------------
+
+
+class RowServicesAdminMixin(ServiceAdminMixin):
+    """A row's admin whose writes are three services (set as staticmethods on the subclass):
+
+    ``service_create(**data, actor=)``, ``service_update(<service_row>=row, data=, actor=)`` and
+    ``service_delete(<service_row>=row, actor=)``; ``service_fields`` are the form's fields passed
+    as data.
+    """
+
+    service_fields: tuple = ()
+    service_row = ""
+
+    def save_with_services(self, request, form, formsets, change):
+        data = form_data(form, self.service_fields)
+        if change:
+            saved = self.service_update(**{self.service_row: form.instance}, data=data, actor=request.user)
+        else:
+            saved = self.service_create(**data, actor=request.user)
+        adopt(form.instance, saved)
+
+    def delete_with_service(self, request, obj):
+        self.service_delete(**{self.service_row: obj}, actor=request.user)
+
+
+ACTION_FORM_TEMPLATE = "admin/action_form.html"
+
+
+def action_form_response(modeladmin, request, *, title: str, intro: str, objects, form, selected, action: str):
+    """The page an admin action shows to ask for its input (amount, reason…) before it runs."""
+    context = {
+        **modeladmin.admin_site.each_context(request),
+        "title": title, "intro": intro, "opts": modeladmin.model._meta, "form": form, "objects": objects,
+        "selected": list(selected), "action": action, "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+    }
+    return TemplateResponse(request, ACTION_FORM_TEMPLATE, context)

@@ -8,12 +8,11 @@ through the quota services (this month only).
 """
 from django import forms
 from django.contrib import admin, messages
-from django.contrib.admin import helpers
 from django.core.exceptions import ValidationError
-from django.template.response import TemplateResponse
 
 from qwenhub.admin import (
-    ReadOnlyAdminMixin, SecretLookupsRefusedMixin, ServiceAdminMixin, adopt, form_data, inline_changes,
+    ReadOnlyAdminMixin, SecretLookupsRefusedMixin, ServiceAdminMixin, action_form_response, adopt, form_data,
+    inline_changes,
 )
 from tenants.models import ApiKey, AuditEvent, Member, QuotaCounter, Team, TeamQuotaCounter
 from tenants.selectors import api_key_list, member_list, member_list_for_counters, team_list
@@ -210,7 +209,8 @@ class AuditEventAdmin(ReadOnlyAdminMixin, SecretLookupsRefusedMixin, admin.Model
     date_hierarchy = "created_at"
 
 
-QUOTA_FORM_TEMPLATE = "admin/tenants/quotacounter/quota_action.html"
+QUOTA_ACTION_INTRO = ("This changes the current month's quota counter of these members (the team's calendar "
+                      "month), whichever month the selected rows belong to:")
 
 
 class QuotaTopUpForm(forms.Form):
@@ -287,17 +287,8 @@ class QuotaCounterAdmin(ReadOnlyAdminMixin, SecretLookupsRefusedMixin, admin.Mod
             if done:
                 self.message_user(request, f"{title}: done for {done} member(s).", messages.SUCCESS)
             return None  # back to the change list
-        context = {
-            **self.admin_site.each_context(request),
-            "title": title,
-            "opts": self.model._meta,
-            "form": form,
-            "members": members,
-            "selected": queryset.values_list("pk", flat=True),
-            "action": action,
-            "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
-        }
-        return TemplateResponse(request, QUOTA_FORM_TEMPLATE, context)
+        return action_form_response(self, request, title=title, intro=QUOTA_ACTION_INTRO, objects=members, form=form,
+                                    selected=queryset.values_list("pk", flat=True), action=action)
 
 
 @admin.register(TeamQuotaCounter)

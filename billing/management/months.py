@@ -3,11 +3,13 @@ import re
 from datetime import date
 
 from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand
 from django.utils import timezone
 
 from billing.selectors import current_period_start
 from tenants.models import Team
 from tenants.periods import next_period_start
+from tenants.services import team_get
 
 MONTH_MALFORMED = "--month must be a month such as 2026-11 (YYYY-MM), not {value!r}."
 MONTH_FUTURE = "{month} has not begun yet in {team}'s time zone ({tz}): it is {today:%Y-%m} there."
@@ -30,3 +32,19 @@ def parse_month(value: str | None, *, team: Team, default: str) -> date:
         raise ValidationError(MONTH_FUTURE.format(month=f"{start:%Y-%m}", team=team.slug, tz=team.timezone,
                                                   today=current))
     return start
+
+
+class MonthCommand(BaseCommand):
+    """A command about one team's month: TEAM and --month (the team's current month or the one before)."""
+
+    default_month = "previous"
+
+    def add_arguments(self, parser):
+        parser.add_argument("team", help="Team slug.")
+        default = "this month" if self.default_month == "current" else "the month before this one"
+        parser.add_argument("--month", help=f"YYYY-MM, in the team's time zone (default: {default}).")
+
+    def team_and_month(self, team: str, month: str | None) -> tuple[Team, date]:
+        """The team and the month's first day; ValidationError (a clear message) for bad input."""
+        team_obj = team_get(slug=team)
+        return team_obj, parse_month(month, team=team_obj, default=self.default_month)

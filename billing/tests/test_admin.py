@@ -101,7 +101,7 @@ def test_actual_cost_and_finalize_actions_call_the_services(admin_client, admin_
     changelist = reverse("admin:billing_billingperiod_changelist")
     selection = {"_selected_action": [period.pk]}
     response = admin_client.post(changelist, {**selection, "action": "set_actual_cost"})
-    assert response.status_code == 200 and "admin/billing/action_form.html" in [t.name for t in response.templates]
+    assert response.status_code == 200 and "admin/action_form.html" in [t.name for t in response.templates]
     response = admin_client.post(changelist, {**selection, "action": "set_actual_cost", "apply": "1",
                                               "amount": "80.00", "reason": "real bill"})
     assert response.status_code == 302

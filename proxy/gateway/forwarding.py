@@ -6,7 +6,7 @@ to it; the ``UpstreamCall`` it returns gives the slot back when the answer is ov
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import orjson
 from django.conf import settings
@@ -15,13 +15,18 @@ from proxy.gateway import errors
 from proxy.gateway.fairness import FairQueue, QueueTimeout
 from proxy.gateway.relay import SSE_HEADERS, _StreamRelay, relay_stream
 from proxy.gateway.request import Request
-from proxy.gateway.upstream import UpstreamState
+from proxy.gateway.upstream import Router, UpstreamState
 from proxy.gateway.upstream_http import Response, UpstreamError
 
-if TYPE_CHECKING:
-    from proxy.gateway.app import Gateway
-
 log = logging.getLogger("qwenhub.gateway")
+
+
+class Upstreams(Protocol):
+    """What forwarding needs of the gateway (app.Gateway): the routing table and the fair queue."""
+
+    router: Router
+    fair_queue: FairQueue
+
 
 # What the gateway always asks of vLLM for a stream: the usage it meters from.
 STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
@@ -57,7 +62,7 @@ class UpstreamCall:
         return errors.from_upstream(model, self.response.status, data)
 
 
-async def open_call(req: Request, gw: "Gateway") -> UpstreamCall:
+async def open_call(req: Request, gw: Upstreams) -> UpstreamCall:
     """Take a slot of the first upstream of req's route that accepts the connection and POST to it."""
     ex, route = req.ex, req.route
     last_error = None
@@ -91,7 +96,7 @@ async def open_call(req: Request, gw: "Gateway") -> UpstreamCall:
     raise errors.upstream_unavailable(route.public_name)
 
 
-async def forward(req: Request, gw: "Gateway") -> None:
+async def forward(req: Request, gw: Upstreams) -> None:
     """Forward a plain request and answer with the upstream's JSON, the model renamed back to the client's."""
     call = await open_call(req, gw)
     ex, response = req.ex, call.response
@@ -117,7 +122,7 @@ async def forward(req: Request, gw: "Gateway") -> None:
         await call.close(reuse=True)
 
 
-async def stream(req: Request, gw: "Gateway") -> None:
+async def stream(req: Request, gw: Upstreams) -> None:
     """Forward a streamed request and relay its events; the usage vLLM sends is metered, then hidden if unasked."""
     req.client_options = options = req.payload.get("stream_options")
     req.payload["stream_options"] = dict(STREAM_OPTIONS)

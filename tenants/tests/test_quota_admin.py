@@ -25,7 +25,7 @@ def test_top_up_action_asks_for_amount_and_reason_then_calls_the_service(admin_c
     selection = {"action": "top_up", "_selected_action": [counter.pk]}
     # the action first shows a form, and changes nothing
     response = admin_client.post(reverse(CHANGELIST), selection)
-    assert response.status_code == 200 and "admin/tenants/quotacounter/quota_action.html" in [
+    assert response.status_code == 200 and "admin/action_form.html" in [
         t.name for t in response.templates]
     assert str(member) in response.content.decode()
     assert QuotaCounter.objects.get(pk=counter.pk).request_limit == 100

@@ -1,29 +1,21 @@
-from django.core.management.base import BaseCommand
-
-from billing.management.months import parse_month
+from billing.management.months import MonthCommand
 from billing.models import BillingPeriod
 from billing.money import quantize
 from billing.selectors import period_get
 from billing.services import period_close
 from tenants.management.base import service_errors
-from tenants.services import team_get
 
 
-class Command(BaseCommand):
+class Command(MonthCommand):
     help = (
         "Close a team's month: wait (up to QWENHUB_UPSTREAM_TIMEOUT) for requests still streaming, open next "
         "month's quota counters and write one draft invoice per member. Safe to run again: a closed month is "
         "left as it is."
     )
 
-    def add_arguments(self, parser):
-        parser.add_argument("team", help="Team slug.")
-        parser.add_argument("--month", help="YYYY-MM, in the team's time zone (default: the month before this one).")
-
     def handle(self, *args, team, month, **options):
         with service_errors():
-            team_obj = team_get(slug=team)
-            start = parse_month(month, team=team_obj, default="previous")
+            team_obj, start = self.team_and_month(team, month)
             before = period_get(team=team_obj, start=start)
             period = period_close(team=team_obj, start=start)
         label = f"{team_obj.slug} {start:%Y-%m}"

@@ -2,13 +2,10 @@ import csv
 import json
 from decimal import Decimal
 
-from django.core.management.base import BaseCommand
-
-from billing.management.months import parse_month
+from billing.management.months import MonthCommand
 from billing.money import quantize
 from billing.selectors import cost_report
 from tenants.management.base import service_errors
-from tenants.services import team_get
 
 COLUMNS = ["member", "requests", "prompt_tokens", "completion_tokens", "amount", "share_percent", "invoice"]
 
@@ -17,19 +14,19 @@ def _percent(share: Decimal) -> str:
     return str((share * 100).quantize(Decimal("0.01")))  # display only
 
 
-class Command(BaseCommand):
+class Command(MonthCommand):
     help = ("The month so far: each member's usage and projected share of the team's cost under the team's "
             "policy (for a closed month, its invoices).")
 
+    default_month = "current"
+
     def add_arguments(self, parser):
-        parser.add_argument("team", help="Team slug.")
-        parser.add_argument("--month", help="YYYY-MM, in the team's time zone (default: this month).")
+        super().add_arguments(parser)
         parser.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     def handle(self, *args, team, month, format, **options):
         with service_errors():
-            team_obj = team_get(slug=team)
-            start = parse_month(month, team=team_obj, default="current")
+            team_obj, start = self.team_and_month(team, month)
             report = cost_report(team=team_obj, start=start)
         money = lambda amount: str(quantize(amount, report.currency))  # noqa: E731
         rows = [{"member": r.username, "requests": r.requests, "prompt_tokens": r.prompt_tokens,

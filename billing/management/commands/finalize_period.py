@@ -1,26 +1,19 @@
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand
 
-from billing.management.months import parse_month
+from billing.management.months import MonthCommand
 from billing.models import BillingPeriod
 from billing.selectors import period_get
 from billing.services import PERIOD_OPEN, period_finalize
 from tenants.management.base import service_errors
-from tenants.services import team_get
 
 
-class Command(BaseCommand):
+class Command(MonthCommand):
     help = ("Finalize a closed month: number its invoices (per team, without gaps) and issue them. "
             "Safe to run again: a finalized month is left as it is.")
 
-    def add_arguments(self, parser):
-        parser.add_argument("team", help="Team slug.")
-        parser.add_argument("--month", help="YYYY-MM, in the team's time zone (default: the month before this one).")
-
     def handle(self, *args, team, month, **options):
         with service_errors():
-            team_obj = team_get(slug=team)
-            start = parse_month(month, team=team_obj, default="previous")
+            team_obj, start = self.team_and_month(team, month)
             period = period_get(team=team_obj, start=start)
             if period is None:
                 raise ValidationError(PERIOD_OPEN.format(team=team_obj.slug, month=f"{start:%Y-%m}"))
