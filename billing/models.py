@@ -323,3 +323,38 @@ class InvoiceLine(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.model} {self.amount}"
+
+
+class QuotaWarning(models.Model):
+    """A member was warned that a quota of a period reached a level (80 or 100 %): at most once each.
+
+    The row is inserted before the e-mail is sent, and the unique constraint decides: a second
+    run, or two at once, finds it there and sends nothing (billing.services.warnings).
+    """
+
+    class Kind(models.TextChoices):
+        REQUESTS = "requests"
+        TOKENS = "tokens"
+
+    LEVELS = (80, 100)
+
+    member = models.ForeignKey("tenants.Member", on_delete=models.PROTECT, related_name="quota_warnings")
+    period_start = models.DateField()
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    level = models.PositiveSmallIntegerField()  # percent of the limit: 80 or 100
+    # used + reserved, and the limit, when the warning was decided.
+    used = models.BigIntegerField()
+    limit = models.BigIntegerField()
+    email = models.EmailField(max_length=254)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["member", "period_start", "kind", "level"], name="uniq_quota_warning"),
+            models.CheckConstraint(condition=Q(kind__in=["requests", "tokens"]), name="quota_warning_kind_known"),
+            models.CheckConstraint(condition=Q(level__in=[80, 100]), name="quota_warning_level_known"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.member_id} {self.period_start:%Y-%m} {self.kind} {self.level}%"

@@ -1,8 +1,13 @@
 """`make run`: QwenHub embedded on one machine, with no setup.
 
 Migrates the SQLite database, seeds the demo team (idempotent), starts the vLLM
-simulator as the upstream and the gateway under uvicorn, and prints the URLs,
-logins and a demo key. Ctrl-C stops both.
+simulator as the upstream, the gateway under uvicorn and the schedule, and prints
+the URLs, logins and a demo key. Ctrl-C stops them all.
+
+The schedule (settings.CELERY_BEAT_SCHEDULE: the monthly close, finalize, quota
+warnings) runs in one more process, `python -m qwenhub.run schedule`: a Celery worker
+with embedded beat on kombu's filesystem transport, whose messages and beat state live
+under data/celery/, so a demo left running closes its month by itself with no Redis.
 """
 import os
 import signal
@@ -11,6 +16,10 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+SCHEDULE_DIR = DATA_DIR / "celery"
 
 
 def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 30.0) -> None:
@@ -24,6 +33,32 @@ def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 30.0) -> None:
         except OSError:
             time.sleep(0.2)
     raise SystemExit(f"{url} did not answer within {seconds:.0f} s")
+
+
+def schedule() -> None:
+    """A Celery worker with embedded beat on the filesystem broker: the same tasks, the same schedule.
+
+    Needs no server: messages are files under data/celery/queue (one node, so the same folder
+    is read and written); beat keeps its last run times in data/celery/beat-schedule. One
+    process, tasks one at a time (SQLite has one writer anyway). Tasks run in this worker,
+    not eagerly: CELERY_TASK_ALWAYS_EAGER is off here.
+    """
+    os.environ["CELERY_BROKER_URL"] = "filesystem://"
+    os.environ["CELERY_TASK_ALWAYS_EAGER"] = "false"
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "qwenhub.settings")
+    queue, control = SCHEDULE_DIR / "queue", SCHEDULE_DIR / "control"
+    for folder in (queue, control):
+        folder.mkdir(parents=True, exist_ok=True)
+    from qwenhub.celery import app
+
+    app.conf.update(
+        broker_transport_options={"data_folder_in": str(queue), "data_folder_out": str(queue),
+                                  "control_folder": str(control)},
+        # Nobody sends this worker remote-control commands; without them no reply queues pile up.
+        worker_enable_remote_control=False,
+    )
+    app.worker_main(["worker", "--beat", "--schedule", str(SCHEDULE_DIR / "beat-schedule"), "--pool", "solo",
+                     "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"])
 
 
 def main() -> None:
@@ -56,11 +91,13 @@ def main() -> None:
         ])
         procs.append(gateway)
         _wait_for(f"http://{host}:{port}/admin/login/", gateway)
+        procs.append(subprocess.Popen([sys.executable, "-m", "qwenhub.run", "schedule"]))
         print(
             f"\nQwenHub is running (embedded: SQLite, no Redis, simulated vLLM at {settings.QWENHUB_SIMULATOR_URL}).\n"
             f"  OpenAI-compatible API: http://{host}:{port}/v1   (use the demo key above)\n"
             f"  Your account page:     http://{host}:{port}/   (sign in as alice, bob or demo-admin)\n"
             f"  Django admin:          http://{host}:{port}/admin/\n"
+            f"  Schedule (close, finalize, quota warnings): a Celery worker with beat, broker in {SCHEDULE_DIR}\n"
             f"  Try: curl http://{host}:{port}/v1/chat/completions -H 'Authorization: Bearer <key>' "
             "-H 'Content-Type: application/json' "
             "-d '{\"model\": \"qwen2.5-7b-instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'\n"
@@ -83,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    schedule() if sys.argv[1:] == ["schedule"] else main()

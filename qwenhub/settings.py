@@ -8,6 +8,7 @@ DEBUG=false and ALLOWED_HOSTS. `.env.example` documents every variable.
 from pathlib import Path
 
 import environ
+from celery.schedules import crontab
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
@@ -123,8 +124,29 @@ CELERY_TASK_ALWAYS_EAGER = env.bool(
 )
 CELERY_TASK_EAGER_PROPAGATES = True
 CELERY_TIMEZONE = "UTC"
-# Billing's monthly close will be scheduled here (crontab, with an expiry).
-CELERY_BEAT_SCHEDULE: dict = {}
+# The schedule, in code (docker-compose's beat, and `make run`'s embedded worker, run it).
+# Times are UTC; each task works out every team's month in the team's own time zone.
+CELERY_BEAT_SCHEDULE = {
+    # Closes each team's month within the hour after its midnight on the 1st, and opens
+    # the new month's quota counters (billing.tasks.periods_close_due_task).
+    "billing-periods-close-due": {  # https://crontab.guru/#5_*_*_*_*
+        "task": "billing.tasks.periods_close_due_task",
+        "schedule": crontab(minute=5),
+        "options": {"expires": 55 * 60},
+    },
+    # Issues closed months whose grace_days have passed, then their statements.
+    "billing-periods-finalize-due": {  # https://crontab.guru/#20_2_*_*_*
+        "task": "billing.tasks.periods_finalize_due_task",
+        "schedule": crontab(minute=20, hour=2),
+        "options": {"expires": 12 * 3600},
+    },
+    # E-mails members at 80 % and at 100 % of a quota, once per level and month.
+    "billing-quota-warnings": {  # https://crontab.guru/#*/15_*_*_*_*
+        "task": "billing.tasks.quota_warnings_task",
+        "schedule": crontab(minute="*/15"),
+        "options": {"expires": 14 * 60},
+    },
+}
 
 EMAIL_CONFIG = env.email("EMAIL_URL", default="consolemail://")
 vars().update(EMAIL_CONFIG)

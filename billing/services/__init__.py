@@ -12,3 +12,4 @@ from billing.services.periods import (  # noqa: F401
 from billing.services.policies import (  # noqa: F401
     IDLE_PAYER_OTHER_TEAM, POLICY_FIELD_UNKNOWN, billing_policy_get_or_create, billing_policy_update,
 )
+from billing.services.warnings import quota_warnings_send  # noqa: F401
