@@ -182,3 +182,5 @@ QWENHUB_FAIR_QUEUE = env.bool("QWENHUB_FAIR_QUEUE", default=True)
 QWENHUB_QUEUE_TIMEOUT = env.float("QWENHUB_QUEUE_TIMEOUT", default=60.0)
 # Token used to scrape the gateway's /metrics (empty: loopback only).
 QWENHUB_METRICS_TOKEN = env("QWENHUB_METRICS_TOKEN", default="")
+# Where people reach this site: the links in statement e-mails start with it.
+QWENHUB_PUBLIC_URL = env("QWENHUB_PUBLIC_URL", default="http://127.0.0.1:8000")
