@@ -31,7 +31,8 @@ def _utc(dt) -> str:
 
 def _description(line: InvoiceLine) -> str:
     if line.kind == InvoiceLine.Kind.USAGE:
-        return (f"{line.model}: {line.requests} requests, {line.prompt_tokens} prompt and "
+        requests = "1 request" if line.requests == 1 else f"{line.requests} requests"
+        return (f"{line.model}: {requests}, {line.prompt_tokens} prompt and "
                 f"{line.completion_tokens} completion tokens")
     if line.kind == InvoiceLine.Kind.BASE:
         return "Fixed share of the month's GPU cost"

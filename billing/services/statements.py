@@ -22,7 +22,7 @@ from decimal import Decimal
 from urllib.parse import urlsplit
 
 from babel import Locale, UnknownLocaleError
-from babel.numbers import format_currency
+from babel.numbers import get_currency_precision
 from django.conf import settings
 from django.core import mail
 from django.core.exceptions import ValidationError
@@ -35,7 +35,7 @@ from django.utils import timezone, translation
 
 from billing.focus import focus_csv_write
 from billing.models import BillingPeriod, Invoice, InvoiceLine, StatementEmail
-from billing.money import format_money
+from billing.money import PRICE_PLACES, format_money
 from billing.selectors import (
     invoice_detail, period_invoices_for_summary, share_of, statement_usage_by_day, team_admin_addresses,
 )
@@ -56,6 +56,9 @@ STATEMENT_SEND_FAILED = "Sending the statement of {invoice} failed ({error}); it
 STATEMENT_NO_RECIPIENT = "no e-mail address: {who}"
 INTERRUPTED = "interrupted while sending (attempt {attempts}): the mail may have left; resend it deliberately"
 ERROR_MAX = 1000
+# Django's SMTP backend waits forever without EMAIL_TIMEOUT; a hung server must fail the send
+# (the row goes back to pending), not hold it in `sending` until the worker is killed.
+SEND_TIMEOUT_SECONDS = 60
 
 
 # --- formatting (display only) ----------------------------------------------------------
@@ -73,10 +76,12 @@ def _money(amount: Decimal | None, currency: str, locale: str) -> str:
 
 
 def _price(amount: Decimal | None, currency: str, locale: str) -> str:
-    """A price per 1M tokens: up to 6 decimals, at least the currency's."""
+    """A price per 1M tokens in the locale's currency pattern: the currency's decimals, up to PRICE_PLACES."""
     if amount is None:
         return ""
-    return format_currency(amount, currency, format="¤#,##0.00####", currency_digits=False, locale=locale)
+    pattern = copy.copy(Locale.parse(locale).currency_formats["standard"])
+    pattern.frac_prec = (get_currency_precision(currency), PRICE_PLACES)
+    return pattern.apply(amount, locale, currency=currency, currency_digits=False)
 
 
 def _percent(share: Decimal, locale: str) -> str:
@@ -223,6 +228,17 @@ def _outbox_open(period: BillingPeriod) -> None:
         StatementEmail.objects.bulk_create(rows, ignore_conflicts=True)
 
 
+def _connection():
+    return mail.get_connection(timeout=getattr(settings, "EMAIL_TIMEOUT", None) or SEND_TIMEOUT_SECONDS)
+
+
+def _close(connection) -> None:
+    try:
+        connection.close()
+    except Exception:  # noqa: BLE001 - closing a broken connection may fail too
+        pass
+
+
 def _error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:ERROR_MAX]
 
@@ -253,10 +269,7 @@ def _send(email: StatementEmail, *, claimed_from: str, on_failure: str, connecti
         if not sent:
             raise RuntimeError("the e-mail backend sent nothing")
     except Exception as exc:
-        try:
-            connection.close()  # the next message opens a fresh connection
-        except Exception:  # noqa: BLE001 - closing a broken connection may fail too
-            pass
+        _close(connection)  # the next message opens a fresh connection
         error = _error(exc)
         mine.update(status=on_failure, last_error=error, updated_at=timezone.now())
         logger.warning("statement e-mail %s not sent: %s", email.pk, error)
@@ -286,7 +299,8 @@ def period_statements_send(*, period: BillingPeriod) -> int:
     Called by the daily finalize task after finalizing, and safe to call again at any time
     (a retry after an SMTP failure sends what is still pending): a sent statement is never
     sent again, a statement whose sending was interrupted is flagged needs_attention, not
-    sent. Two runs at once send each statement once. Call it outside a transaction.
+    sent. Two runs at once send each statement once. Call it outside a transaction (inside
+    one it raises RuntimeError: a rollback after a mail left would send that mail again).
     """
     period = BillingPeriod.objects.select_related("team").get(pk=period.pk)
     if period.status != BillingPeriod.Status.FINALIZED:
@@ -298,17 +312,14 @@ def period_statements_send(*, period: BillingPeriod) -> int:
                    .select_related("period__team", "invoice__member__user")
                    .order_by("kind", "invoice__sequence", "pk"))  # "member" sorts before "summary"
     sent = 0
-    connection = mail.get_connection()
+    connection = _connection()
     try:
         for email in pending:
             if _send(email, claimed_from=StatementEmail.Status.PENDING, on_failure=StatementEmail.Status.PENDING,
                      connection=connection) is None:
                 sent += 1
     finally:
-        try:
-            connection.close()
-        except Exception:  # noqa: BLE001
-            pass
+        _close(connection)
     return sent
 
 
@@ -325,9 +336,12 @@ def statement_email_resend(*, email: StatementEmail, actor=None, reason: str = "
     if email.status == StatementEmail.Status.SENDING:
         raise ValidationError(STATEMENT_SENDING.format(invoice=label))
     previous = email.status
-    connection = mail.get_connection()
-    error = _send(email, claimed_from=previous, on_failure=StatementEmail.Status.NEEDS_ATTENTION,
-                  connection=connection)
+    connection = _connection()
+    try:
+        error = _send(email, claimed_from=previous, on_failure=StatementEmail.Status.NEEDS_ATTENTION,
+                      connection=connection)
+    finally:
+        _close(connection)
     email.refresh_from_db()
     if error == "taken":
         raise ValidationError(STATEMENT_CHANGED.format(invoice=label, status=email.status))

@@ -70,7 +70,7 @@ def smtp_server():
         controller.stop()
 
 
-def finalized_month(*, actual_cost="2999.99"):
+def finalized_month(*, actual_cost="2999.99", kind="usage", bob_extra=None):
     """lab (Asia/Shanghai, CNY): alice (admin, two models), bob (one model), carol (no usage); Nov 2026 finalized."""
     from billing.services import billing_policy_update, period_close, period_finalize, period_set_actual_cost
     from billing.tests.factories import MemberJoinedFactory, usage
@@ -81,13 +81,16 @@ def finalized_month(*, actual_cost="2999.99"):
     alice = MemberJoinedFactory(team=team, user=UserFactory(username="alice"), role=Member.Role.ADMIN)
     bob = MemberJoinedFactory(team=team, user=UserFactory(username="bob"))
     carol = MemberJoinedFactory(team=team, user=UserFactory(username="carol"))
-    billing_policy_update(team=team, public_prices={"qwen2.5-7b-instruct": {"prompt": "0.3", "completion": "0.6"}})
+    billing_policy_update(team=team, kind=kind,
+                          public_prices={"qwen2.5-7b-instruct": {"prompt": "0.3", "completion": "0.6"}})
     # alice: Nov 3 late evening and just after midnight (Nov 4 in Shanghai, still Nov 3 in UTC), and a big model
     usage(alice, NOV, prompt=1000, completion=500, started_at=datetime(2026, 11, 3, 23, 30, tzinfo=SHANGHAI))
     usage(alice, NOV, prompt=2000, completion=1000, started_at=datetime(2026, 11, 4, 0, 30, tzinfo=SHANGHAI))
     usage(alice, NOV, prompt=400, completion=100, model="qwen2.5-72b", started_at=datetime(2026, 11, 4, 9, tzinfo=SHANGHAI))
     usage(bob, NOV, prompt=3000, completion=0, started_at=datetime(2026, 11, 30, 23, 59, 59, tzinfo=SHANGHAI))
     usage(bob, NOV, prompt=999, completion=999, status="rejected")  # costs nothing, counted nowhere
+    if bob_extra:
+        usage(bob, NOV, prompt=bob_extra[0], completion=bob_extra[1])
     period = period_close(team=team, start=NOV, now=datetime(2026, 12, 1, 0, 10, tzinfo=SHANGHAI), wait_seconds=0)
     if actual_cost is not None:
         period = period_set_actual_cost(period=period, amount=actual_cost, reason="the real GPU bill")

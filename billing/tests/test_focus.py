@@ -2,7 +2,7 @@
 import csv
 import io
 import json
-from datetime import date
+from datetime import date, datetime
 from decimal import Decimal
 
 import pytest
@@ -10,8 +10,10 @@ from django.core.management.base import CommandError
 
 from billing.focus import COLUMNS
 from billing.models import BillingPeriod, InvoiceLine
-from billing.services import PERIOD_OPEN
-from billing.tests.conftest import finalized_month
+from billing.services import PERIOD_OPEN, period_close
+from billing.tests.conftest import SHANGHAI, finalized_month
+from billing.tests.factories import MemberJoinedFactory, usage
+from tenants.tests.factories import TeamFactory
 from tenants.tests.utils import run_command
 
 pytestmark = pytest.mark.django_db
@@ -40,12 +42,6 @@ def test_the_focus_csv_has_one_row_per_line_and_sums_to_the_allocated_amount():
 
 
 def test_export_focus_refuses_an_open_month_and_warns_about_drafts():
-    from billing.tests.factories import MemberJoinedFactory, usage
-    from billing.services import period_close
-    from tenants.tests.factories import TeamFactory
-    from billing.tests.conftest import SHANGHAI
-    from datetime import datetime
-
     team = TeamFactory(slug="lab")
     usage(MemberJoinedFactory(team=team), date(2026, 11, 1))
     with pytest.raises(CommandError) as exc:

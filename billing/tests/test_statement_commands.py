@@ -1,4 +1,6 @@
 """resend_statement: bad input → a clear message, a non-zero exit, nothing changed."""
+from datetime import datetime
+
 import pytest
 from django.core.exceptions import ValidationError
 from django.core.management.base import CommandError
@@ -9,7 +11,9 @@ from billing.services import (
     STATEMENT_NOT_CREATED, STATEMENT_NOT_FINALIZED, STATEMENT_PENDING, period_close, statement_resend,
 )
 from billing.tests.conftest import NOV, SHANGHAI, finalized_month
+from billing.tests.factories import MemberJoinedFactory, usage
 from tenants.models import AuditEvent
+from tenants.tests.factories import TeamFactory
 from tenants.tests.utils import run_command
 
 pytestmark = pytest.mark.django_db
@@ -44,11 +48,6 @@ def test_a_statement_not_queued_or_still_pending_is_refused(settings):
 
 
 def test_a_draft_has_no_statement():
-    from datetime import datetime
-
-    from billing.tests.factories import MemberJoinedFactory, usage
-    from tenants.tests.factories import TeamFactory
-
     team = TeamFactory(slug="lab")
     usage(MemberJoinedFactory(team=team), NOV)
     period = period_close(team=team, start=NOV, now=datetime(2026, 12, 1, 1, tzinfo=SHANGHAI), wait_seconds=0)

@@ -1,6 +1,4 @@
 """What a statement says: both views of the price, the locale's formats; and the admin's resend action."""
-from decimal import Decimal
-
 import pytest
 from django.core import mail
 from django.urls import reverse
@@ -8,7 +6,6 @@ from django.urls import reverse
 from billing.models import StatementEmail
 from billing.services import period_statements_send
 from billing.tests.conftest import finalized_month
-from billing.tests.factories import usage
 from tenants.models import AuditEvent
 
 pytestmark = pytest.mark.django_db
@@ -59,3 +56,24 @@ def test_the_admin_resends_through_the_service(admin_client, admin_user):
     assert (event.actor, event.reason, event.data["kind"]) == (admin_user, "lost in spam", "summary")
     row.refresh_from_db()
     assert (row.status, row.attempts) == ("sent", 2)
+
+
+def test_what_the_same_tokens_would_have_cost_at_the_public_price():
+    # bob: 3000 + 2,000,000 prompt and 1,000,000 completion tokens at 0.30 and 0.60 per 1M
+    period, members = finalized_month(bob_extra=(2_000_000, 1_000_000))
+    period_statements_send(period=period)
+    bob = next(m for m in mail.outbox if m.to == ["bob@example.com"])
+    assert "At the team's public API prices the same tokens would have cost CN¥1.20." in bob.body
+    invoice = period.invoices.get(member=members["bob"])
+    assert f"({invoice.lines.get().public_price_amount} at the public price)" not in bob.body  # formatted, not raw
+    assert "(CN¥1.20 at the public price)" in bob.body
+
+
+def test_the_admins_summary_shows_the_idle_capacity():
+    # seed_rate: 3000 CNY over 3M tokens of quota; 8,000 tokens used, the rest is idle (no payer: unallocated)
+    period, _ = finalized_month(actual_cost=None, kind="seed_rate")
+    assert period.idle > 0
+    period_statements_send(period=period)
+    summary = next(m for m in mail.outbox if "are out" in m.subject)
+    assert "Idle capacity: CN¥2,992.00 (99.73% of the month)" in summary.body
+    assert "Unallocated: CN¥2,992.00" in summary.body

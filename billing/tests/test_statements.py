@@ -2,6 +2,7 @@
 import csv
 import io
 import threading
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
@@ -17,7 +18,9 @@ from billing.services import (
     STATEMENT_PENDING, STATEMENTS_PERIOD_NOT_FINALIZED, period_close, period_statements_send, statement_resend,
 )
 from billing.tests.conftest import NOV, PUBLIC_URL, SHANGHAI, finalized_month
+from billing.tests.factories import MemberJoinedFactory, usage
 from tenants.models import AuditEvent
+from tenants.tests.factories import TeamFactory
 from tenants.tests.utils import run_command
 
 D = Decimal
@@ -184,10 +187,6 @@ def test_two_workers_at_once_send_each_statement_once(smtp_server):
 
 @pytest.mark.django_db
 def test_only_a_finalized_month_has_statements(smtp_server):
-    from billing.tests.factories import MemberJoinedFactory, usage
-    from tenants.tests.factories import TeamFactory
-    from datetime import datetime
-
     team = TeamFactory(slug="lab")
     usage(MemberJoinedFactory(team=team), NOV)
     period = period_close(team=team, start=NOV, now=datetime(2026, 12, 1, 1, tzinfo=SHANGHAI), wait_seconds=0)
