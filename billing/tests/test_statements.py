@@ -8,12 +8,13 @@ from decimal import Decimal
 import pytest
 from django.core.exceptions import ValidationError
 from django.core.mail.backends import smtp
-from django.db import connection
+from django.db import connection, transaction
 from django.urls import reverse
 
 from billing.models import BillingPeriod, Invoice, InvoiceLine, StatementEmail
 from billing.money import format_money
 from billing.selectors import statement_periods_pending
+from billing.services import statements
 from billing.services import (
     STATEMENT_PENDING, STATEMENTS_PERIOD_NOT_FINALIZED, period_close, period_statements_send, statement_resend,
 )
@@ -195,3 +196,43 @@ def test_only_a_finalized_month_has_statements(smtp_server):
     assert exc.value.messages == [STATEMENTS_PERIOD_NOT_FINALIZED.format(team="lab", month="2026-11")]
     assert not StatementEmail.objects.exists() and not smtp_server.messages
     assert Invoice.objects.get().issued_at is None
+
+
+@pytest.mark.django_db
+def test_a_run_that_sees_a_send_in_flight_flags_it_but_its_worker_still_records_the_send(smtp_server, monkeypatch):
+    period, _ = finalized_month()
+    real_send = smtp.EmailBackend.send_messages
+    flagged = []
+
+    def send_while_another_run_starts(self, messages):
+        flagged.append(statements._flag_interrupted(period))  # another worker's run begins meanwhile
+        return real_send(self, messages)
+
+    monkeypatch.setattr(smtp.EmailBackend, "send_messages", send_while_another_run_starts)
+    assert period_statements_send(period=period) == 4
+    assert flagged == [1, 1, 1, 1]  # each row was seen in flight...
+    assert set(StatementEmail.objects.values_list("status", flat=True)) == {"sent"}  # ...and recorded as sent
+    assert len(smtp_server.messages) == 4
+    assert all(m.endswith("@hub.example.org>") for m in smtp_server.message_ids())
+
+
+@pytest.mark.django_db
+def test_a_member_without_an_address_stays_pending_with_the_reason(smtp_server):
+    period, members = finalized_month()
+    members["carol"].user.email = ""
+    members["carol"].user.save(update_fields=["email"])
+    assert period_statements_send(period=period) == 3
+    row = StatementEmail.objects.get(invoice__member=members["carol"])
+    assert (row.status, row.attempts, row.last_error) == ("pending", 0, "no e-mail address: member carol")
+    members["carol"].user.email = "carol@example.org"
+    members["carol"].user.save(update_fields=["email"])
+    assert period_statements_send(period=period) == 1
+    assert smtp_server.received[-1][1] == ["carol@example.org"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sending_inside_a_transaction_is_refused(smtp_server):
+    period, _ = finalized_month()
+    with pytest.raises(RuntimeError), transaction.atomic():
+        period_statements_send(period=period)
+    assert not StatementEmail.objects.exists() and not smtp_server.messages
