@@ -3,9 +3,10 @@ from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 
-from billing.models import BillingPeriod, BillingPolicy, Invoice, InvoiceLine, UsageRecord
+from billing.models import BillingPeriod, BillingPolicy, Invoice, InvoiceLine, StatementEmail, UsageRecord
 from billing.services import (
     IDLE_PAYER_OTHER_TEAM, billing_policy_update, invoice_adjust, period_finalize, period_set_actual_cost,
+    statement_email_resend,
 )
 from billing.services.policies import POLICY_FIELDS
 from qwenhub.admin import ReadOnlyAdminMixin, SecretLookupsRefusedMixin, action_form_response
@@ -211,3 +212,32 @@ class InvoiceAdmin(_ServiceActionMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
             intro="An adjustment line with this amount and reason goes on each member's next unfinalized month:",
             apply=lambda invoice, data: invoice_adjust(invoice=invoice, amount=data["amount"], reason=data["reason"],
                                                        actor=request.user))
+
+
+class ResendForm(forms.Form):
+    reason = forms.CharField(max_length=500, help_text="Why it is sent again, for the audit trail.")
+
+
+@admin.register(StatementEmail)
+class StatementEmailAdmin(_ServiceActionMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    """The statements' outbox: written by the sends only; an interrupted one waits here for a deliberate resend."""
+
+    list_display = ["__str__", "kind", "team", "period", "invoice", "status", "attempts", "sent_at", "last_error"]
+    list_filter = ["status", "kind", "team"]
+    search_fields = ["=message_id", "=invoice__number"]
+    list_select_related = ["team", "period__team", "invoice"]
+    readonly_fields = ["kind", "team", "period", "invoice", "message_id", "status", "attempts", "recipients",
+                       "sending_since", "sent_at", "last_error", "created_at", "updated_at"]
+    actions = ["resend"]
+
+    def has_billing_permission(self, request):
+        return request.user.has_perm("billing.change_statementemail")
+
+    @admin.action(description="Resend… (sent or needs attention; same Message-ID)", permissions=["billing"])
+    def resend(self, request, queryset):
+        return self._form_action(
+            request, queryset.select_related("period__team", "invoice"), form_class=ResendForm, action="resend",
+            title="Resend the statement",
+            intro="These e-mails are sent again to their recipients as they are now (audited):",
+            apply=lambda email, data: statement_email_resend(email=email, actor=request.user,
+                                                             reason=data["reason"]))

@@ -23,8 +23,9 @@ from datetime import date, datetime, time
 from decimal import Decimal
 
 from django.db.models import Count, Sum
+from django.db.models.functions import TruncDate
 
-from billing.models import BillingPeriod, BillingPolicy, Invoice, InvoiceLine, UsageRecord
+from billing.models import BillingPeriod, BillingPolicy, Invoice, InvoiceLine, StatementEmail, UsageRecord
 from billing.money import PRICE_PLACES, ZERO, quantize
 from billing.policies import MemberMonth, ModelUsage, PolicyParams, Split, split_cost
 from tenants.models import Member, QuotaCounter, Team
@@ -282,3 +283,42 @@ def invoice_detail(*, invoice: Invoice) -> InvoiceDetail:
     effective = ((invoice.allocated * 1_000_000 / tokens).quantize(Decimal(1).scaleb(-PRICE_PLACES))
                  if tokens else None)
     return InvoiceDetail(invoice, lines, tokens, effective, sum(priced, ZERO) if priced else None)
+
+
+# --- statements (billing.services.statements) -------------------------------------------
+
+def invoice_get_by_number(*, number: str) -> list[Invoice]:
+    """The issued invoices numbered `number` (numbers are unique per team; a list, so callers can refuse a clash)."""
+    return list(Invoice.objects.select_related("period__team", "member__user").filter(number=number.strip())[:2])
+
+
+def statement_usage_by_day(*, invoice: Invoice):
+    """The member's counted usage of the invoice's month per day (team's time zone) × model, in SQL (one query)."""
+    period = invoice.period
+    tz = zoneinfo.ZoneInfo(period.team.timezone)
+    return (UsageRecord.objects.filter(team_id=period.team_id, member_id=invoice.member_id,
+                                       period_start=period.start, status__in=BILLED_STATUSES)
+            .annotate(day=TruncDate("started_at", tzinfo=tz))
+            .values("day", "model")
+            .annotate(requests=Count("id"), prompt_tokens=Sum("prompt_tokens"),
+                      completion_tokens=Sum("completion_tokens"))
+            .order_by("day", "model"))
+
+
+def period_invoices_for_summary(*, period: BillingPeriod) -> list[Invoice]:
+    """The period's invoices with their members, by number (the admins' summary; one query)."""
+    return list(period.invoices.select_related("member__user").order_by("sequence", "member_id"))
+
+
+def team_admin_addresses(*, team: Team) -> list[str]:
+    """The e-mail addresses of the team's active admins, sorted, without duplicates."""
+    emails = (Member.objects.filter(team=team, role=Member.Role.ADMIN, is_active=True)
+              .exclude(user__email="").values_list("user__email", flat=True))
+    return sorted(set(emails))
+
+
+def statement_periods_pending():
+    """Finalized periods whose outbox still has statements to send (a retry after an SMTP failure)."""
+    return (BillingPeriod.objects.filter(status=BillingPeriod.Status.FINALIZED,
+                                         statement_emails__status=StatementEmail.Status.PENDING)
+            .distinct().order_by("start", "pk"))

@@ -14,6 +14,7 @@ from django.db.models import Max, Q
 from django.utils import timezone
 
 from billing.models import BillingPeriod
+from billing.selectors import statement_periods_pending
 from tenants.models import Team
 from tenants.periods import next_period_start, period_start_for
 
@@ -107,33 +108,43 @@ def periods_close_due_task() -> int:
 
 @shared_task(acks_late=True, **RETRY)
 def period_finalize_task(period_id: int) -> None:
-    """Finalize one closed period (billing.services.period_finalize), then send its statements.
+    """Finalize one closed period (billing.services.period_finalize), then enqueue its statements.
 
     Idempotent: a finalized period is returned unchanged (its numbers stay), so it is acked
-    late; a rerun after a crash between the two steps sends what the statements' own
-    outbox has not sent yet.
+    late; a rerun enqueues the statements again, and their outbox sends only what is pending.
     """
     from billing.services import period_finalize
 
     period = period_finalize(period=BillingPeriod.objects.get(pk=period_id))
-    # Statement e-mails are built separately (billing/services/statements.py, with its own
-    # outbox that makes sending idempotent); until that module exists finalizing is all.
-    try:
-        from billing.services.statements import period_statements_send
-    except ImportError:
-        return
-    period_statements_send(period=period)
+    period_statements_send_task.delay(period.pk)
+
+
+@shared_task(acks_late=True, **RETRY)
+def period_statements_send_task(period_id: int) -> int:
+    """Send a finalized period's pending statements (billing.services.period_statements_send).
+
+    Idempotent through the outbox: a rerun sends only what is still pending; a statement whose
+    sending was interrupted (a killed worker) is marked needs_attention, never re-sent silently.
+    Returns how many were sent.
+    """
+    from billing.services.statements import period_statements_send
+
+    return period_statements_send(period=BillingPeriod.objects.get(pk=period_id))
 
 
 @shared_task(**RETRY)
 def periods_finalize_due_task() -> int:
-    """Daily: enqueue period_finalize_task for every closed period whose grace_days have passed.
+    """Daily: enqueue period_finalize_task for every closed period whose grace_days have passed,
+    and period_statements_send_task for finalized periods with statements still pending.
 
-    A rerun enqueues only periods still closed (not yet finalized). Returns how many.
+    A rerun enqueues only periods still closed (not yet finalized). Returns how many finalizes.
     """
     due = periods_due_to_finalize()
     for period_id in due:
         period_finalize_task.apply_async((period_id,), expires=FINALIZE_EXPIRES)
+    # Statements the mail server refused last time are retried once a day.
+    for period_id in statement_periods_pending().values_list("pk", flat=True):
+        period_statements_send_task.apply_async((period_id,), expires=FINALIZE_EXPIRES)
     return len(due)
 
 

@@ -35,6 +35,11 @@ def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 30.0) -> None:
     raise SystemExit(f"{url} did not answer within {seconds:.0f} s")
 
 
+def _mail_destination(settings) -> str:
+    path = getattr(settings, "EMAIL_FILE_PATH", None)
+    return f"written as files to {path}" if path else f"sent with {settings.EMAIL_BACKEND}"
+
+
 def schedule() -> None:
     """A Celery worker with embedded beat on the filesystem broker: the same tasks, the same schedule.
 
@@ -98,6 +103,7 @@ def main() -> None:
             f"  Your account page:     http://{host}:{port}/   (sign in as alice, bob or demo-admin)\n"
             f"  Django admin:          http://{host}:{port}/admin/\n"
             f"  Schedule (close, finalize, quota warnings): a Celery worker with beat, broker in {SCHEDULE_DIR}\n"
+            f"  E-mails (statements, quota warnings): {_mail_destination(settings)}\n"
             f"  Try: curl http://{host}:{port}/v1/chat/completions -H 'Authorization: Bearer <key>' "
             "-H 'Content-Type: application/json' "
             "-d '{\"model\": \"qwen2.5-7b-instruct\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'\n"

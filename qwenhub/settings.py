@@ -148,8 +148,13 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 
-EMAIL_CONFIG = env.email("EMAIL_URL", default="consolemail://")
+# Embedded, e-mails (statements, quota warnings) are written to files under data/mail
+# (`make run` says so); elsewhere, without EMAIL_URL, they are printed to the log.
+MAIL_DIR = BASE_DIR / "data" / "mail"
+EMAIL_CONFIG = env.email("EMAIL_URL", default="filemail://" if EMBEDDED else "consolemail://")
 vars().update(EMAIL_CONFIG)
+if EMAIL_CONFIG["EMAIL_BACKEND"].endswith("filebased.EmailBackend") and not EMAIL_CONFIG.get("EMAIL_FILE_PATH"):
+    EMAIL_FILE_PATH = str(MAIL_DIR)
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="QwenHub <qwenhub@localhost>")
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -204,3 +209,5 @@ QWENHUB_FAIR_QUEUE = env.bool("QWENHUB_FAIR_QUEUE", default=True)
 QWENHUB_QUEUE_TIMEOUT = env.float("QWENHUB_QUEUE_TIMEOUT", default=60.0)
 # Token used to scrape the gateway's /metrics (empty: loopback only).
 QWENHUB_METRICS_TOKEN = env("QWENHUB_METRICS_TOKEN", default="")
+# Where people reach this site: the links in statement e-mails start with it.
+QWENHUB_PUBLIC_URL = env("QWENHUB_PUBLIC_URL", default="http://127.0.0.1:8000")

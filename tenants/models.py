@@ -178,6 +178,7 @@ class AuditEvent(models.Model):
         INVOICE_ADJUSTED = "invoice_adjusted"
         BILLING_POLICY_CREATED = "billing_policy_created"
         BILLING_POLICY_UPDATED = "billing_policy_updated"
+        STATEMENT_RESENT = "statement_resent"
 
     team = models.ForeignKey(Team, on_delete=models.PROTECT, null=True, blank=True, related_name="audit_events")
     member = models.ForeignKey(Member, on_delete=models.PROTECT, null=True, blank=True, related_name="audit_events")

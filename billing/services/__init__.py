@@ -13,3 +13,8 @@ from billing.services.policies import (  # noqa: F401
     IDLE_PAYER_OTHER_TEAM, POLICY_FIELD_UNKNOWN, billing_policy_get_or_create, billing_policy_update,
 )
 from billing.services.warnings import quota_warnings_send  # noqa: F401
+from billing.services.statements import (  # noqa: F401
+    STATEMENT_CHANGED, STATEMENT_NOT_CREATED, STATEMENT_NOT_FINALIZED, STATEMENT_PENDING, STATEMENT_SEND_FAILED,
+    STATEMENT_SENDING, STATEMENTS_PERIOD_NOT_FINALIZED, period_statements_send, statement_email_resend,
+    statement_resend,
+)

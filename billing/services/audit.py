@@ -12,6 +12,7 @@ PERIOD_FINALIZED = "billing.period_finalized"
 INVOICE_ADJUSTED = "billing.invoice_adjusted"
 POLICY_CREATED = "billing.policy_created"
 POLICY_UPDATED = "billing.policy_updated"
+STATEMENT_RESENT = "billing.statement_resent"
 
 _KIND = {
     PERIOD_CLOSED: AuditEvent.Kind.PERIOD_CLOSED,
@@ -21,6 +22,7 @@ _KIND = {
     INVOICE_ADJUSTED: AuditEvent.Kind.INVOICE_ADJUSTED,
     POLICY_CREATED: AuditEvent.Kind.BILLING_POLICY_CREATED,
     POLICY_UPDATED: AuditEvent.Kind.BILLING_POLICY_UPDATED,
+    STATEMENT_RESENT: AuditEvent.Kind.STATEMENT_RESENT,
 }
 
 

@@ -212,3 +212,26 @@ def test_a_real_worker_closes_once_under_a_duplicate_delivery(tmp_path):
     assert Invoice.objects.filter(period=period).count() == 2
     assert InvoiceLine.objects.filter(invoice__period=period).count() == 2
     assert AuditEvent.objects.filter(data__action="billing.period_closed", subject_id=period.pk).count() == 1
+
+
+@pytest.mark.django_db
+def test_the_daily_task_retries_statements_still_pending(eager, monkeypatch):
+    """A statement the mail server refused stays pending in the outbox; the next daily run sends it."""
+    from billing.models import StatementEmail
+
+    team = _team("UTC")
+    with _at(2026, 12, 1, 0, 5):
+        period = _closed(team)
+    sent = []
+    fake = types.ModuleType("billing.services.statements")
+    fake.period_statements_send = lambda *, period: sent.append(period.pk)
+    monkeypatch.setitem(sys.modules, "billing.services.statements", fake)
+    with _at(2026, 12, 2, 2, 20):
+        periods_finalize_due_task.delay().get()
+    assert sent == [period.pk]  # finalized, its statements sent once
+    invoice = period.invoices.order_by("pk").first()
+    StatementEmail.objects.create(kind=StatementEmail.Kind.MEMBER, team=team, period=period, invoice=invoice,
+                                  message_id="<retry@qwenhub.test>", status=StatementEmail.Status.PENDING)
+    with _at(2026, 12, 3, 2, 20):
+        assert periods_finalize_due_task.delay().get() == 0  # nothing left to finalize
+    assert sent == [period.pk, period.pk]  # but the pending statement is retried
