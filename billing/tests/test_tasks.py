@@ -138,15 +138,22 @@ def test_finalize_waits_for_the_grace_days(eager):
     assert AuditEvent.objects.filter(data__action="billing.period_finalized").count() == 2
 
 
-@pytest.mark.django_db
-def test_finalize_sends_statements_when_that_service_exists(eager, monkeypatch):
-    team = _team("UTC")
-    with _at(2026, 12, 1, 0, 5):
-        period = _closed(team)
+@pytest.fixture()
+def statements_sent(monkeypatch) -> list:
+    """The (period id, status) of every period_statements_send call, which sends nothing here."""
     sent = []
     fake = types.ModuleType("billing.services.statements")
     fake.period_statements_send = lambda *, period: sent.append((period.pk, period.status))
     monkeypatch.setitem(sys.modules, "billing.services.statements", fake)
+    return sent
+
+
+@pytest.mark.django_db
+def test_finalize_sends_statements_when_that_service_exists(eager, statements_sent):
+    team = _team("UTC")
+    with _at(2026, 12, 1, 0, 5):
+        period = _closed(team)
+    sent = statements_sent
     with _at(2026, 12, 2, 2, 20):
         assert periods_finalize_due_task.delay().get() == 1
     assert sent == [(period.pk, "finalized")]
@@ -215,23 +222,20 @@ def test_a_real_worker_closes_once_under_a_duplicate_delivery(tmp_path):
 
 
 @pytest.mark.django_db
-def test_the_daily_task_retries_statements_still_pending(eager, monkeypatch):
+def test_the_daily_task_retries_statements_still_pending(eager, statements_sent):
     """A statement the mail server refused stays pending in the outbox; the next daily run sends it."""
     from billing.models import StatementEmail
 
     team = _team("UTC")
     with _at(2026, 12, 1, 0, 5):
         period = _closed(team)
-    sent = []
-    fake = types.ModuleType("billing.services.statements")
-    fake.period_statements_send = lambda *, period: sent.append(period.pk)
-    monkeypatch.setitem(sys.modules, "billing.services.statements", fake)
     with _at(2026, 12, 2, 2, 20):
         periods_finalize_due_task.delay().get()
+    sent = [pk for pk, _ in statements_sent]
     assert sent == [period.pk]  # finalized, its statements sent once
     invoice = period.invoices.order_by("pk").first()
     StatementEmail.objects.create(kind=StatementEmail.Kind.MEMBER, team=team, period=period, invoice=invoice,
                                   message_id="<retry@qwenhub.test>", status=StatementEmail.Status.PENDING)
     with _at(2026, 12, 3, 2, 20):
         assert periods_finalize_due_task.delay().get() == 0  # nothing left to finalize
-    assert sent == [period.pk, period.pk]  # but the pending statement is retried
+    assert [pk for pk, _ in statements_sent] == [period.pk, period.pk]  # but the pending statement is retried
