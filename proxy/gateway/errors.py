@@ -15,6 +15,11 @@ MISSING_FIELD = "You must provide a '{field}' parameter."
 WRONG_TYPE = "'{field}' must be {kind}."
 EMBEDDINGS_NOT_STREAMED = "Embeddings cannot be streamed."
 MODEL_NOT_FOUND = "The model `{model}` does not exist or you do not have access to it."
+# vLLM's own wording (its 400 for prompt + max_tokens > max_model_len).
+MAX_TOKENS_TOO_LARGE = (
+    "'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum context length is "
+    "{max_model_len} tokens and your request has at least 1 input token."
+)
 NOT_FOUND = "Unknown request URL: {method} {path}. Please check the URL and method."
 UPSTREAM_UNAVAILABLE = "The model server for `{model}` is unavailable. Please retry shortly."
 UPSTREAM_BUSY = (
@@ -92,6 +97,12 @@ def invalid_json() -> ApiError:
 
 def missing_field(field: str) -> ApiError:
     return invalid_request(MISSING_FIELD.format(field=field), param=field, code="missing_required_parameter")
+
+
+def max_tokens_too_large(max_tokens: int, max_model_len: int) -> ApiError:
+    """The completion alone could not fit the model's context window: vLLM's 400, before any quota is reserved."""
+    return invalid_request(MAX_TOKENS_TOO_LARGE.format(max_tokens=max_tokens, max_model_len=max_model_len),
+                           param="max_tokens")
 
 
 def wrong_type(field: str, kind: str) -> ApiError:

@@ -101,6 +101,9 @@ def completion_bound(payload: dict, endpoint: str, route: Route) -> int:
         max_tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
     else:
         max_tokens = payload.get("max_tokens") or 16  # vLLM's default for completions
+    if max_tokens is not None and max_tokens >= route.max_model_len:
+        # vLLM refuses it whatever the prompt; answered here so no quota is reserved for it.
+        raise errors.max_tokens_too_large(max_tokens, route.max_model_len)
     if max_tokens is None:
         max_tokens = route.default_max_tokens
         payload["max_tokens"] = max_tokens

@@ -215,9 +215,10 @@ def test_bad_requests(world):
     with pytest.raises(openai.NotFoundError) as exc:
         world.client().chat.completions.create(model="no-such-model", messages=MESSAGES)
     assert exc.value.code == "model_not_found" and exc.value.param == "model"
-    # upstream validation errors pass through in OpenAI's shape
+    # upstream validation errors pass through in OpenAI's shape (the prompt does not leave room
+    # for this completion: only vLLM, which counts the prompt's tokens, can tell)
     with pytest.raises(openai.BadRequestError) as exc:
-        world.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10**6)
+        world.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=32767)
     assert "max" in exc.value.message.lower()
     wait_for(lambda: UsageRecord.objects.filter(member=world.member).exists())
     assert counter_for(world.member).tokens_reserved == 0 and counter_for(world.member).requests_used == 0
@@ -430,3 +431,14 @@ def test_database_down_is_a_fast_503(transactional_db, tmp_path):
         assert _time.monotonic() - started < 3
     finally:
         gw.stop()
+
+
+def test_max_tokens_beyond_the_context_window_is_vllms_400_before_any_quota(transactional_db, gateway, sim):
+    """Not a 429 insufficient_quota: the request could never run, whatever the quota left."""
+    world = make_world(gateway, sim.base_url, token_quota=1000)
+    with pytest.raises(openai.BadRequestError) as exc:
+        world.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=10**6)
+    assert exc.value.status_code == 400 and exc.value.param == "max_tokens"
+    assert exc.value.body["message"] == errors.MAX_TOKENS_TOO_LARGE.format(max_tokens=10**6, max_model_len=32768)
+    assert not QuotaCounter.objects.filter(member=world.member, tokens_reserved__gt=0).exists()
+    assert not UsageRecord.objects.filter(member=world.member).exists()  # refused before admission, as bad JSON is
