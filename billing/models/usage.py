@@ -8,6 +8,9 @@ class UsageRecord(models.Model):
     class Status(models.TextChoices):
         OK = "ok"
         CLIENT_DISCONNECTED = "client_disconnected"
+        # The upstream refused the request itself (a 4xx from vLLM: bad parameters, too long):
+        # the client's mistake, told apart from the server's failures below. Costs nothing.
+        CLIENT_ERROR = "client_error"
         UPSTREAM_ERROR = "upstream_error"
         UPSTREAM_UNAVAILABLE = "upstream_unavailable"
         UPSTREAM_TIMEOUT = "upstream_timeout"

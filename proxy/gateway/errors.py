@@ -168,8 +168,8 @@ def upstream_bad_response(model: str, status: int) -> ApiError:
 
 def upstream_client_error(status: int, message: str, type_: str = "invalid_request_error", *,
                           param: str | None = None, code: str | int | None = None) -> ApiError:
-    """vLLM refused the request itself (a 4xx): passed on as vLLM said it."""
-    return ApiError(status, message, type_, param=param, code=code, usage_status=Status.UPSTREAM_ERROR)
+    """vLLM refused the request itself (a 4xx): passed on as vLLM said it, recorded as the client's error."""
+    return ApiError(status, message, type_, param=param, code=code, usage_status=Status.CLIENT_ERROR)
 
 
 def from_upstream(model: str, status: int, data) -> ApiError:

@@ -90,12 +90,12 @@ def test_upstream_client_errors_pass_through_as_vllm_said():
     data = {"error": {"message": "max_tokens is too large", "type": "BadRequestError", "param": "max_tokens",
                       "code": 400}}
     exc = errors.from_upstream("qwen", 400, data)
-    assert shape(exc) == (400, "BadRequestError", 400, "max_tokens", S.UPSTREAM_ERROR)
+    assert shape(exc) == (400, "BadRequestError", 400, "max_tokens", S.CLIENT_ERROR)
     assert exc.message == "max_tokens is too large"
     bare = errors.from_upstream("qwen", 422, {"message": "bad", "type": None})  # vLLM's unwrapped shape
-    assert shape(bare) == (422, "invalid_request_error", None, None, S.UPSTREAM_ERROR) and bare.message == "bad"
+    assert shape(bare) == (422, "invalid_request_error", None, None, S.CLIENT_ERROR) and bare.message == "bad"
     unreadable = errors.from_upstream("qwen", 404, None)
-    assert shape(unreadable) == (404, "invalid_request_error", None, None, S.UPSTREAM_ERROR)
+    assert shape(unreadable) == (404, "invalid_request_error", None, None, S.CLIENT_ERROR)
     assert unreadable.message == errors.UPSTREAM_BAD_RESPONSE.format(model="qwen", status=404)
 
 

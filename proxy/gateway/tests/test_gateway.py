@@ -221,6 +221,8 @@ def test_bad_requests(world):
         world.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=32767)
     assert "max" in exc.value.message.lower()
     wait_for(lambda: UsageRecord.objects.filter(member=world.member).exists())
+    # the client's mistake, not the upstream's failure: an admin can tell them apart
+    assert UsageRecord.objects.get(member=world.member).status == UsageRecord.Status.CLIENT_ERROR
     assert counter_for(world.member).tokens_reserved == 0 and counter_for(world.member).requests_used == 0
 
 
