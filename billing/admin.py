@@ -17,12 +17,27 @@ class UsageRecordAdmin(ReadOnlyAdminMixin, SecretLookupsRefusedMixin, admin.Mode
     """One row per /v1 request, written by the gateway and billed: never added, edited or deleted here."""
 
     list_display = ["started_at", "team", "member", "model", "endpoint", "status", "http_status", "prompt_tokens",
-                    "completion_tokens", "total_tokens", "duration_ms", "request_id"]
+                    "completion_tokens", "total_tokens", "duration", "time_to_first_token", "request_id"]
     list_filter = ["status", "period_start", "team", "model"]
     search_fields = ["=request_id", "member__user__username"]
     list_select_related = ["team", "member__user", "member__team", "api_key"]
     date_hierarchy = "started_at"
     show_full_result_count = False  # COUNT(*) over all usage on every page is not free
+    # The raw floats (82.97194999977364) stay in the model; people read milliseconds, rounded.
+    readonly_fields = ["duration", "time_to_first_token"]
+
+    @admin.display(description="duration", ordering="duration_ms")
+    def duration(self, row):
+        return _milliseconds(row.duration_ms)
+
+    @admin.display(description="time to first token", ordering="ttft_ms")
+    def time_to_first_token(self, row):
+        return _milliseconds(row.ttft_ms)
+
+
+def _milliseconds(value: float | None) -> str:
+    """82.97194999977364 → "83 ms"; 1234.4 → "1,234 ms" (display only)."""
+    return "—" if value is None else f"{value:,.0f} ms"
 
 
 # --- policies, periods, invoices ---------------------------------------------------------

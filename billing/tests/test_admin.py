@@ -136,3 +136,10 @@ def test_adjust_action_on_a_finalized_invoice(admin_client):
     assert (adjustment.corrects, adjustment.amount, adjustment.period.start) == (invoice, Decimal("-2.00"),
                                                                               date(2026, 12, 1))
     assert Invoice.objects.get(pk=invoice.pk).amount == invoice.amount
+
+
+def test_usage_durations_read_as_rounded_milliseconds(admin_client):
+    UsageRecordFactory(duration_ms=82.97194999977364, ttft_ms=1234.4)
+    page = admin_client.get(reverse("admin:billing_usagerecord_changelist")).content.decode()
+    assert "83 ms" in page and "1,234 ms" in page
+    assert "82.97194999977364" not in page
