@@ -63,3 +63,20 @@ def test_add_upstream_duplicate_name_and_taken_alias():
     # the refused second upstream left nothing behind
     assert list(Upstream.objects.values_list("name", flat=True)) == ["gpu1"]
     assert list(PublicModel.objects.values_list("name", flat=True)) == ["a"]
+
+
+def test_an_empty_api_key_is_refused_not_taken_as_none():
+    """`--api-key "$VLLM_API_KEY"` expanded from nothing on the host must not register a keyless upstream."""
+    with pytest.raises(CommandError, match="--api-key is empty"):
+        run_command("add_upstream", "gpu1", "http://vllm:8000/v1", "--model", "m", "--api-key", "")
+    assert not Upstream.objects.exists()
+
+
+def test_the_api_key_can_come_from_the_processes_environment(monkeypatch):
+    monkeypatch.setenv("QH_TEST_VLLM_KEY", "s3cret-from-env")
+    run_command("add_upstream", "gpu1", "http://vllm:8000/v1", "--model", "m", "--api-key-env", "QH_TEST_VLLM_KEY")
+    assert Upstream.objects.get().api_key == "s3cret-from-env"
+    monkeypatch.delenv("QH_TEST_VLLM_KEY")
+    with pytest.raises(CommandError, match="QH_TEST_VLLM_KEY is not set"):
+        run_command("add_upstream", "gpu2", "http://vllm:8000/v1", "--model", "m", "--api-key-env", "QH_TEST_VLLM_KEY")
+    assert Upstream.objects.count() == 1

@@ -1,4 +1,6 @@
-from django.core.management.base import BaseCommand
+import os
+
+from django.core.management.base import BaseCommand, CommandError
 
 from proxy.services import upstream_add
 from tenants.management.base import positive_int, service_errors
@@ -21,12 +23,18 @@ class Command(BaseCommand):
                                  "Naming an existing model makes this upstream a replica of it.")
         parser.add_argument("--alias", action="append", default=[], dest="aliases", metavar="NAME",
                             help="Another accepted name for the model (repeatable).")
-        parser.add_argument("--api-key", default="",
-                            help="vLLM's --api-key, sent only to the upstream (default: none).")
+        keys = parser.add_mutually_exclusive_group()
+        keys.add_argument("--api-key", default=None,
+                          help="vLLM's --api-key, sent only to the upstream (default: none).")
+        keys.add_argument("--api-key-env", metavar="VARIABLE",
+                          help="Read vLLM's --api-key from this environment variable of the command's own "
+                               "process (e.g. VLLM_API_KEY inside the container, where .env put it).")
         parser.add_argument("--max-concurrency", type=positive_int, default=256,
                             help="vLLM's --max-num-seqs (default 256).")
 
-    def handle(self, *args, name, base_url, served_name, public_name, aliases, api_key, max_concurrency, **options):
+    def handle(self, *args, name, base_url, served_name, public_name, aliases, api_key, api_key_env,
+               max_concurrency, **options):
+        api_key = _api_key(api_key, api_key_env)
         with service_errors():
             upstream = upstream_add(name=name, base_url=base_url, served_name=served_name, public_name=public_name,
                                     aliases=aliases, api_key=api_key, max_concurrency=max_concurrency)
@@ -40,3 +48,21 @@ class Command(BaseCommand):
             self.stderr.write(
                 f"Note: {upstream.base_url} does not end in /v1; vLLM's OpenAI API usually lives under /v1."
             )
+
+
+API_KEY_EMPTY = ("--api-key is empty. If it came from a shell variable, that variable is not set where the "
+                 "command line was expanded (in docker compose, on the host): use --api-key-env VLLM_API_KEY, "
+                 "or leave the option out for an upstream without a key.")
+API_KEY_ENV_EMPTY = "The environment variable {name} is not set or empty in this process: no API key to read."
+
+
+def _api_key(value: str | None, variable: str | None) -> str:
+    """The key given, or read from an environment variable; an empty one is an error, never 'no key'."""
+    if variable is not None:
+        value = os.environ.get(variable, "")
+        if not value.strip():
+            raise CommandError(API_KEY_ENV_EMPTY.format(name=variable))
+        return value.strip()
+    if value is not None and not value.strip():
+        raise CommandError(API_KEY_EMPTY)
+    return (value or "").strip()
