@@ -66,7 +66,17 @@ def schedule() -> None:
                      "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"])
 
 
+def embedded_environment() -> None:
+    """The embedded default reads no dotenv file: a .env beside manage.py configures production (compose)."""
+    dotenv = Path(__file__).resolve().parent.parent / ".env"
+    if os.environ.get("QWENHUB_ENV_FILE", str(dotenv)) and dotenv.exists():
+        print(f"Note: {dotenv} is not read by `make run` (it configures docker compose); "
+              "the embedded default needs no settings.")
+    os.environ["QWENHUB_ENV_FILE"] = ""  # the subprocesses (simulator, gateway, schedule) inherit it
+
+
 def main() -> None:
+    embedded_environment()
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "qwenhub.settings")
     import django
     from django.conf import settings

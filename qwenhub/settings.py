@@ -5,6 +5,7 @@ Celery tasks run in-process, and the built-in vLLM simulator as the upstream.
 Production sets DATABASE_URL (PostgreSQL), REDIS_URL, EMAIL_URL, SECRET_KEY,
 DEBUG=false and ALLOWED_HOSTS. `.env.example` documents every variable.
 """
+import os
 from pathlib import Path
 
 import environ
@@ -12,7 +13,12 @@ from celery.schedules import crontab
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env")  # the real environment wins
+# The dotenv file read under the real environment (which wins): .env beside manage.py, another
+# file, or none (QWENHUB_ENV_FILE=""; `make run` sets that, so a production .env lying in the
+# checkout cannot turn the embedded default into a half-configured production).
+ENV_FILE = os.environ.get("QWENHUB_ENV_FILE", str(BASE_DIR / ".env"))
+if ENV_FILE:
+    environ.Env.read_env(ENV_FILE)
 
 DEV_SECRET_KEY = "django-insecure-qwenhub-dev-only"
 # Embedded mode (no DATABASE_URL) is for one laptop and defaults to DEBUG on;
@@ -26,10 +32,12 @@ CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 if not DEBUG and SECRET_KEY.startswith("django-insecure-"):
     from django.core.exceptions import ImproperlyConfigured
 
+    _read = f" and {ENV_FILE}" if ENV_FILE and Path(ENV_FILE).exists() else ""
     raise ImproperlyConfigured(
         "QwenHub refuses to start with DEBUG off and the development SECRET_KEY. "
         "Set SECRET_KEY to a long random value (python -c 'import secrets; "
-        "print(secrets.token_urlsafe(50))'), or set DEBUG=true for local development."
+        "print(secrets.token_urlsafe(50))'), or set DEBUG=true for local development. "
+        f"Settings were read from the environment{_read}; `make run` (the embedded default) reads no .env."
     )
 
 INSTALLED_APPS = [

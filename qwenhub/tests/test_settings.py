@@ -82,3 +82,24 @@ def test_env_example_documents_every_variable_docker_compose_reads_and_holds_no_
     assert variables - documented(example) == set()
     values = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", example.read_text(), re.MULTILINE))
     assert values["SECRET_KEY"] == values["POSTGRES_PASSWORD"] == values["VLLM_API_KEY"] == ""
+
+
+PRODUCTION_DOTENV = "DEBUG=false\nSECRET_KEY=\nALLOWED_HOSTS=qwenhub.example.com\n"  # .env.example, unfilled
+
+
+def test_a_half_filled_dotenv_is_refused_and_the_error_names_it(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(PRODUCTION_DOTENV)
+    result = run_python(["-c", LOAD_SETTINGS], QWENHUB_ENV_FILE=str(dotenv))
+    assert result.returncode != 0 and "refuses to start" in result.stderr
+    assert str(dotenv) in result.stderr and "make run" in result.stderr
+
+
+def test_the_embedded_default_reads_no_dotenv(tmp_path):
+    """`cp .env.example .env` in the checkout must not break `make run`."""
+    dotenv = tmp_path / ".env"
+    dotenv.write_text(PRODUCTION_DOTENV)
+    load = "from qwenhub.run import embedded_environment; embedded_environment(); " + LOAD_SETTINGS
+    result = run_python(["-c", load], QWENHUB_ENV_FILE=str(dotenv))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("DEBUG True")
