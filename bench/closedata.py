@@ -247,7 +247,22 @@ def _timed_close(team, start: date):
     captured = queries.captured_queries
     sql_s = sum(float(q["time"]) for q in captured)
     slowest = sorted(captured, key=lambda q: float(q["time"]), reverse=True)[:3]
-    return period, wall, len(captured), sql_s, [{"s": float(q["time"]), "sql": q["sql"][:300]} for q in slowest]
+    return (period, wall, len(captured), sql_s, [{"s": float(q["time"]), "sql": q["sql"][:300]} for q in slowest],
+            statement_kinds(captured))
+
+
+def statement_kinds(captured) -> dict[str, int]:
+    """How many statements of each kind ran: the verb and the first table named, e.g. "INSERT billing_invoice"."""
+    import re
+
+    kinds: dict[str, int] = {}
+    for q in captured:
+        sql = q["sql"].strip()
+        verb = sql.split(None, 1)[0].upper() if sql else "?"
+        table = re.search(r'(?:FROM|INTO|UPDATE)\s+"?(\w+)"?', sql, re.IGNORECASE)
+        key = f"{verb} {table.group(1)}" if table else verb
+        kinds[key] = kinds.get(key, 0) + 1
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def close(*, slug: str = TEAM_SLUG, start: date | None = None) -> dict:
@@ -261,7 +276,7 @@ def close(*, slug: str = TEAM_SLUG, start: date | None = None) -> dict:
 
     team = Team.objects.get(slug=slug)
     start = start or last_month(team.timezone)
-    period, close_s, close_queries, close_sql_s, slowest = _timed_close(team, start)
+    period, close_s, close_queries, close_sql_s, slowest, kinds = _timed_close(team, start)
 
     invoices = list(Invoice.objects.filter(period=period).order_by("member_id"))
     invoiced = sum((i.amount for i in invoices), Decimal(0))
@@ -282,11 +297,12 @@ def close(*, slug: str = TEAM_SLUG, start: date | None = None) -> dict:
         requests=Sum("requests"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens"))
     invoiced_totals = tuple(int(line_totals[k] or 0) for k in ("requests", "prompt", "completion"))
 
-    again, second_s, second_queries, _, _ = _timed_close(team, start)
+    again, second_s, second_queries, _, _, _ = _timed_close(team, start)
     after = Invoice.objects.filter(period=period).aggregate(n=Count("id"))["n"]
     return {
         "team": slug, "start": start.isoformat(), "status": period.status, "cost": str(period.cost),
         "close_s": close_s, "close_queries": close_queries, "close_sql_s": close_sql_s, "slowest": slowest,
+        "statement_kinds": kinds,
         "invoices": len(invoices), "invoiced": str(invoiced), "cost_difference": str(abs(invoiced - period.cost)),
         "unallocated": str(period.unallocated), "lines_sum_to_invoices": lines_match,
         "reconciliation_ok": rec.ok, "reconciliation_mismatches": len(rec.mismatches),

@@ -236,7 +236,7 @@ def close_month(b: Bench) -> list[Result]:
         "checks": "clean" if checks_ok else "FAILED",
         "cost": out["cost"], "invoiced": out["invoiced"], "statuses": out["statuses"],
         "usage_totals": out["usage_totals"], "invoiced_totals": out["invoiced_totals"],
-        "slowest_queries": out["slowest"]})
+        "slowest_queries": out["slowest"], "statement_kinds": out["statement_kinds"]})
     closed.targets += [
         Target("close time", "close_s", "<=", 10, "s"),
         Target("close: invoices - the team's cost", "cost_difference", "<=", 0, "CNY"),
@@ -248,4 +248,5 @@ def close_month(b: Bench) -> list[Result]:
                             f"{out['usage_totals']} (rows) vs {out['invoiced_totals']} (lines), lines sum to invoices="
                             f"{out['lines_sum_to_invoices']}, second close unchanged={out['second_close_unchanged']}")
     closed.notes.append(f"slowest statement {out['slowest'][0]['s']:.2f} s: {out['slowest'][0]['sql'][:160]}")
+    closed.notes.append("statements: " + ", ".join(f"{k} x{n}" for k, n in out["statement_kinds"].items()))
     return [generated, closed]
