@@ -7,7 +7,8 @@ simulators exit on SIGTERM (and on their stdin closing if this process dies).
 
 Nothing here imports Django: the bench process never opens a connection to the
 bench database itself (its statements would count against the gateway's). The
-setup (team, members, keys, upstreams) runs in a subprocess: ``python -m bench.procs setup``.
+setup (team, members, keys, upstreams) runs in a subprocess: ``python -m bench.procs setup``;
+so do the `close` scenario's data and measurement (``python -m bench.closedata``, via ``django_json``).
 """
 from __future__ import annotations
 
@@ -140,6 +141,13 @@ def setup_world(spec: dict) -> dict:
     """Run `python -m bench.procs setup` (Django, bench env) and return what it printed."""
     out = subprocess.run([PY, "-m", "bench.procs", "setup", json.dumps(spec)], cwd=ROOT, env=bench_env(),
                          check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def django_json(module: str, command: str, spec: dict) -> dict:
+    """Run `python -m <module> <command> '<json spec>'` (Django, bench env; stderr passes through): its last line."""
+    out = subprocess.run([PY, "-m", module, command, json.dumps(spec)], cwd=ROOT, env=bench_env(), check=True,
+                         stdout=subprocess.PIPE, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -62,6 +62,15 @@ def print_report(results: list[Result], meta: dict) -> None:
                       f" waiting mean {_f(m.get('upstream_waiting_mean'), '.1f', 4).strip()},"
                       f" {_f(m.get('upstream_completed_per_s'), '.1f', 4).strip()} completions/s"
                       f"{'  B errors: ' + str(m['b_errors']) if m.get('b_errors') else ''}")
+            elif r.scenario == "close" and "close_s" in m:
+                print(f"close: {r.row:28s} close {m['close_s']:.2f} s ({m['close_queries']} queries, "
+                      f"{m['close_sql_s']:.2f} s in SQL); second close {m['second_close_s'] * 1000:.1f} ms "
+                      f"({m['second_close_queries']} queries, {m['second_close_new_invoices']} new invoices); "
+                      f"{m['invoices']} invoices, {m['invoiced']} of {m['cost']} CNY; checks {m['checks']}")
+            elif r.scenario == "close":
+                print(f"close: {r.row:28s} insert {m['insert_s']:.1f} s, counters {m['counters_s']:.2f} s, "
+                      f"VACUUM ANALYZE {_f(m['vacuum_analyze_s'], '.1f', 1).strip()} s, setup {m['setup_s']:.1f} s, "
+                      f"table {m['table_mb']:.0f} MB")
             else:
                 print(f"{r.scenario}: {r.row}: " + ", ".join(f"{k}={v}" for k, v in m.items()))
             for note in r.notes:

@@ -59,6 +59,7 @@ class Scenario:
     sims: tuple[str, ...] = ()
     members: tuple[str, ...] = ("bench",)
     help: str = ""
+    gateway: bool = True  # False: the run starts no gateway for it (nor a setup, if no scenario needs one)
 
 
 SIM_GROUPS: dict[str, SimGroup] = {}
@@ -70,10 +71,16 @@ def sim_group(name: str, *args: str, max_concurrency: int) -> SimGroup:
     return group
 
 
-def scenario(name: str, *, sims: tuple[str, ...] = (), members: tuple[str, ...] = ("bench",), help: str = ""):
-    """Register a scenario function ``fn(bench) -> list[Result]`` (runs in registration order)."""
+def scenario(name: str, *, sims: tuple[str, ...] = (), members: tuple[str, ...] = ("bench",), help: str = "",
+             gateway: bool = True):
+    """Register a scenario function ``fn(bench) -> list[Result]`` (runs in registration order).
+
+    What it declares is all the run starts for it: the simulators of `sims`, the `members`
+    (with keys, created by the setup subprocess) and, unless ``gateway=False``, the main gateway.
+    """
     def deco(fn):
-        SCENARIOS[name] = Scenario(name, fn, tuple(sims), tuple(members), help or (fn.__doc__ or "").strip())
+        SCENARIOS[name] = Scenario(name, fn, tuple(sims), tuple(members), help or (fn.__doc__ or "").strip(),
+                                   gateway)
         return fn
     return deco
 
@@ -89,7 +96,7 @@ class Timing:
 class Bench:
     """What a scenario can use: simulators, gateways, keys, timing, and the measurement helpers."""
 
-    def __init__(self, args: argparse.Namespace, procs: Processes, ledger: StatementLedger,
+    def __init__(self, args: argparse.Namespace, procs: Processes, ledger: StatementLedger | None,
                  sims: dict, keys: dict[str, str], gateways: dict[str, GatewayProcess]) -> None:
         self.args, self.procs, self.ledger = args, procs, ledger
         self.sims, self.keys, self.gateways = sims, keys, gateways
@@ -293,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     selected = [SCENARIOS[n] for n in SCENARIOS if not args.only or n in args.only]
     groups = [SIM_GROUPS[g] for g in dict.fromkeys(g for s in selected for g in s.sims)]
     members = list(dict.fromkeys(m for s in selected for m in s.members))
+    need_gateway = any(s.gateway for s in selected)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt()
@@ -316,18 +324,21 @@ def main(argv: list[str] | None = None) -> int:
         migrate()
         redis_flush()
         sims = {g.name: procs.start_simulator("--served-model-name", g.model, *g.args) for g in groups}
-        world = setup_world({
-            "members": members,
-            "upstreams": [{"name": g.name, "base_url": sims[g.name].base_url, "served_name": g.model,
-                           "public_name": g.model, "max_concurrency": g.max_concurrency} for g in groups],
-        })
-        gateways = {"main": procs.start_gateway("main")}
-        ledger = StatementLedger(db, args.settle)
-        bench = Bench(args, procs, ledger, sims, world["keys"], gateways)
+        keys: dict[str, str] = {}
+        if members or groups or need_gateway:
+            keys = setup_world({
+                "members": members,
+                "upstreams": [{"name": g.name, "base_url": sims[g.name].base_url, "served_name": g.model,
+                               "public_name": g.model, "max_concurrency": g.max_concurrency} for g in groups],
+            })["keys"]
+        gateways = {"main": procs.start_gateway("main")} if need_gateway else {}
+        ledger = StatementLedger(db, args.settle) if need_gateway else None
+        bench = Bench(args, procs, ledger, sims, keys, gateways)
         for s in selected:
             print(f"[{s.name}] {s.help}", flush=True)
             results += s.fn(bench)
-        ledger.finish()
+        if ledger is not None:
+            ledger.finish()
     except KeyboardInterrupt:
         print("\ninterrupted: stopping everything", file=sys.stderr)
         code = 130
@@ -351,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
     if results:
         meta = _meta(args, pinning, started, commit, yardstick_before)
+        if not need_gateway:
+            meta["gateway"] = "none (no selected scenario needs one)"
         meta["statement_settle_wait_s"] = round(ledger.waited, 1) if ledger else None
         if code:
             meta["interrupted"] = True

@@ -15,6 +15,7 @@ import aiohttp
 
 from bench.loadgen import percentile, run_load
 from bench.figures import Result, Target
+from bench.procs import django_json
 from bench.runner import CHAT, Bench, _run, chat_body, scenario, sim_group
 from proxy.simulator.testing import parse_metrics
 
@@ -195,3 +196,57 @@ async def _sample(session: aiohttp.ClientSession, sim_url: str, out: list) -> No
             m = parse_metrics(await resp.text())
         out.append((m.get("vllm:num_requests_running", 0.0), m.get("vllm:num_requests_waiting", 0.0)))
         await asyncio.sleep(0.1)
+
+
+# --- closing a month ------------------------------------------------------------------------------
+CLOSE_MEMBERS = 50
+CLOSE_ROWS = 1_000_000
+
+
+@scenario("close", sims=(), members=(), gateway=False,
+          help=f"period_close of a month: {CLOSE_MEMBERS} members (Asia/Shanghai), {CLOSE_ROWS:,} usage rows made "
+               "in SQL; then a second close")
+def close_month(b: Bench) -> list[Result]:
+    """Data and timing run in subprocesses (bench.closedata): the bench process stays off the bench database."""
+    rows = f"{CLOSE_ROWS // 1_000_000}M" if CLOSE_ROWS % 1_000_000 == 0 else f"{CLOSE_ROWS:,}"
+    print(f"  generating {CLOSE_ROWS:,} usage rows for {CLOSE_MEMBERS} members ...", flush=True)
+    gen = django_json("bench.closedata", "generate", {"members": CLOSE_MEMBERS, "rows": CLOSE_ROWS})
+    print(f"  generated {gen['rows']:,} rows in {gen['insert_s']:.1f} s (setup {gen['setup_s']:.1f} s, counters "
+          f"{gen['counters_s']:.1f} s, VACUUM ANALYZE {gen['vacuum_analyze_s']:.1f} s, table {gen['table_mb']:.0f} MB);"
+          f" closing {gen['start'][:7]} ...", flush=True)
+    out = django_json("bench.closedata", "close", {"team": gen["team"], "start": gen["start"]})
+    print(f"  close {out['close_s']:.2f} s ({out['close_queries']} queries, {out['close_sql_s']:.2f} s in SQL), "
+          f"second close {out['second_close_s'] * 1000:.1f} ms ({out['second_close_queries']} queries)", flush=True)
+    params = {"members": CLOSE_MEMBERS, "rows": gen["rows"], "timezone": "Asia/Shanghai", "month": gen["start"][:7],
+              "models": 3, "policy": "usage (model and completion weights)"}
+    generated = Result("close", f"generate {rows} usage rows", params, metrics={
+        "insert_s": gen["insert_s"], "counters_s": gen["counters_s"], "vacuum_analyze_s": gen["vacuum_analyze_s"],
+        "setup_s": gen["setup_s"], "table_mb": round(gen["table_mb"], 1)})
+    generated.notes.append("one INSERT ... SELECT FROM generate_series; counters: two INSERT ... SELECT; setup = team, "
+                           "members, keys and policy through the services; VACUUM ANALYZE because this server "
+                           "runs without autovacuum")
+    checks_ok = (out["reconciliation_ok"] and out["tokens_match"] and out["lines_sum_to_invoices"]
+                 and out["second_close_unchanged"])
+    closed = Result("close", f"close {CLOSE_MEMBERS} members, {rows} rows", params, metrics={
+        "close_s": out["close_s"], "close_queries": out["close_queries"], "close_sql_s": out["close_sql_s"],
+        "second_close_s": out["second_close_s"], "second_close_queries": out["second_close_queries"],
+        "invoices": out["invoices"], "cost_difference": float(out["cost_difference"]),
+        "reconciliation_mismatches": out["reconciliation_mismatches"],
+        "second_close_new_invoices": out["second_close_new_invoices"],
+        "checks": "clean" if checks_ok else "FAILED",
+        "cost": out["cost"], "invoiced": out["invoiced"], "statuses": out["statuses"],
+        "usage_totals": out["usage_totals"], "invoiced_totals": out["invoiced_totals"],
+        "slowest_queries": out["slowest"], "statement_kinds": out["statement_kinds"]})
+    closed.targets += [
+        Target("close time", "close_s", "<=", 10, "s"),
+        Target("close: invoices - the team's cost", "cost_difference", "<=", 0, "CNY"),
+        Target("close: usage rows vs invoice lines, mismatches", "reconciliation_mismatches", "<=", 0),
+        Target("second close: new invoices", "second_close_new_invoices", "<=", 0),
+    ]
+    if not checks_ok:
+        closed.notes.append(f"CHECKS FAILED: reconciliation ok={out['reconciliation_ok']}, tokens "
+                            f"{out['usage_totals']} (rows) vs {out['invoiced_totals']} (lines), lines sum to invoices="
+                            f"{out['lines_sum_to_invoices']}, second close unchanged={out['second_close_unchanged']}")
+    closed.notes.append(f"slowest statement {out['slowest'][0]['s']:.2f} s: {out['slowest'][0]['sql'][:160]}")
+    closed.notes.append("statements: " + ", ".join(f"{k} x{n}" for k, n in out["statement_kinds"].items()))
+    return [generated, closed]
