@@ -75,6 +75,13 @@ INSERT INTO {COUNTER} (member_id, period_start, request_limit, token_limit,
 SELECT id, %s, request_quota, token_quota, 0, 0, 0, 0 FROM {MEMBER} WHERE id = %s
 ON CONFLICT (member_id, period_start) DO NOTHING"""
 
+# The same for every active member of a team at once (the monthly close opens the new month).
+OPEN_TEAM_SQL = f"""
+INSERT INTO {COUNTER} (member_id, period_start, request_limit, token_limit,
+                       requests_used, requests_reserved, tokens_used, tokens_reserved)
+SELECT id, %s, request_quota, token_quota, 0, 0, 0, 0 FROM {MEMBER} WHERE team_id = %s AND is_active
+ON CONFLICT (member_id, period_start) DO NOTHING"""
+
 # Reserve 1 request and %s tokens if the worst case fits; no row returned = no room (or no row yet).
 RESERVE_SQL = f"""
 UPDATE {COUNTER}

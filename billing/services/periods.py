@@ -11,7 +11,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F, Max, Q
 from django.utils import timezone
 
@@ -26,10 +26,9 @@ from billing.services.audit import (
 )
 from billing.services.invoices import Draft, invoice_months, invoices_write_drafts
 from billing.policies import split_cost
-from tenants import quota
-from tenants.models import Member, QuotaCounter, Team, TeamQuotaCounter
+from tenants.models import QuotaCounter, Team, TeamQuotaCounter
 from tenants.periods import next_period_start, period_reset_at
-from tenants.services import quota_counter_open
+from tenants.services import quota_counters_open_for_team
 
 PERIOD_NOT_FIRST = "A billing period starts on the 1st of a month: {start} is not one."
 PERIOD_NOT_OVER = "{team}'s {month} is not over yet: it ends at {end} ({tz})."
@@ -89,13 +88,7 @@ def _open_next_month(team: Team, start: date, now: datetime) -> int:
     following = next_period_start(start)
     if following != current_period_start(team=team, now=now):
         return 0  # a late close of an older month: the months after it opened long ago, or never will
-    members = list(Member.objects.filter(team=team, is_active=True).select_related("team").order_by("pk"))
-    for member in members:
-        quota_counter_open(member=member, period_start=following)
-    if team.token_cap is not None:
-        with connection.cursor() as cursor:
-            cursor.execute(quota.TEAM_OPEN_SQL, quota.team_open_args(team_id=team.pk, start=following))
-    return len(members)
+    return quota_counters_open_for_team(team=team, period_start=following)
 
 
 def _check_start(start: date) -> None:

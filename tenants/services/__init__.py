@@ -14,5 +14,5 @@ from tenants.services.keys import (  # noqa: F401
 )
 from tenants.services.quotas import (  # noqa: F401
     QUOTA_AMOUNT_INVALID, QUOTA_CHANGE_REASON, QUOTA_UNLIMITED, quota_counter_apply_quota_change, quota_counter_carry,
-    quota_counter_charge_imported, quota_counter_open, quota_reset, quota_top_up,
+    quota_counter_charge_imported, quota_counter_open, quota_counters_open_for_team, quota_reset, quota_top_up,
 )

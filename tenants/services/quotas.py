@@ -7,7 +7,7 @@ from django.db import connection, transaction
 from django.db.models import F
 
 from tenants import quota
-from tenants.models import AuditEvent, Member, QuotaCounter
+from tenants.models import AuditEvent, Member, QuotaCounter, Team
 from tenants.periods import period_start_for
 
 QUOTA_AMOUNT_INVALID = "A top-up must add a positive number of requests or tokens."
@@ -28,6 +28,19 @@ def quota_counter_open(*, member: Member, period_start=None) -> QuotaCounter:
             cursor.execute(quota.OPEN_SQL, quota.open_args(member_id=member.pk, start=start))
         counter = QuotaCounter.objects.get(member=member, period_start=start)
     return counter
+
+
+def quota_counters_open_for_team(*, team: Team, period_start) -> int:
+    """Open the month's counters of every active member (and the team cap's) in two statements.
+
+    The monthly close calls it for the new month (the quota reset); members already opened
+    are left as they are. Returns how many active members the team has.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(quota.OPEN_TEAM_SQL, [period_start, team.pk])
+        if team.token_cap is not None:
+            cursor.execute(quota.TEAM_OPEN_SQL, quota.team_open_args(team_id=team.pk, start=period_start))
+    return Member.objects.filter(team=team, is_active=True).count()
 
 
 @transaction.atomic

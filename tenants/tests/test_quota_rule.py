@@ -6,7 +6,7 @@ from billing.models import UsageRecord
 from tenants import quota
 from tenants.models import Member, QuotaCounter, Team, TeamQuotaCounter
 from tenants.periods import period_start_for
-from tenants.services import quota_counter_open
+from tenants.services import quota_counter_open, quota_counters_open_for_team
 from tenants.tests.factories import MemberFactory
 
 
@@ -70,3 +70,22 @@ def test_a_team_cap_opens_with_the_teams_cap_of_that_instant():
         cursor.execute(quota.TEAM_OPEN_SQL, quota.team_open_args(team_id=member.team_id, start=start))
         cursor.execute(quota.TEAM_OPEN_SQL, quota.team_open_args(team_id=member.team_id, start=start))
     assert TeamQuotaCounter.objects.get(team_id=member.team_id, period_start=start).token_limit == 777
+
+
+@pytest.mark.django_db
+def test_a_teams_month_opens_for_every_active_member_in_two_statements(django_assert_num_queries):
+    first = MemberFactory(request_quota=10, token_quota=100)
+    team = first.team
+    Team.objects.filter(pk=team.pk).update(token_cap=5000)
+    team.refresh_from_db()
+    second = MemberFactory(team=team, request_quota=None, token_quota=7)
+    gone = MemberFactory(team=team, is_active=False)
+    start = period_start_for(team.timezone)
+    QuotaCounter.objects.create(member=first, period_start=start, request_limit=99, requests_used=3)  # already open
+    with django_assert_num_queries(3):  # members, the team cap, the count
+        assert quota_counters_open_for_team(team=team, period_start=start) == 2
+    assert QuotaCounter.objects.get(member=first).requests_used == 3  # left as it was
+    assert (QuotaCounter.objects.get(member=second).request_limit,
+            QuotaCounter.objects.get(member=second).token_limit) == (None, 7)
+    assert not QuotaCounter.objects.filter(member=gone).exists()
+    assert TeamQuotaCounter.objects.get(team=team, period_start=start).token_limit == 5000
