@@ -9,7 +9,7 @@ from billing.services import (
     statement_email_resend,
 )
 from billing.services.policies import POLICY_FIELDS
-from qwenhub.admin import ReadOnlyAdminMixin, SecretLookupsRefusedMixin, action_form_response
+from qwenhub.admin import ReadOnlyAdminMixin, SecretLookupsRefusedMixin, action_form_response, each_through_service
 
 
 @admin.register(UsageRecord)
@@ -173,17 +173,9 @@ class BillingPeriodAdmin(_ServiceActionMixin, ReadOnlyAdminMixin, admin.ModelAdm
 
     @admin.action(description="Finalize (number and issue the invoices)", permissions=["billing"])
     def finalize(self, request, queryset):
-        done = 0
-        for period in queryset.select_related("team").order_by("start", "pk"):
-            try:
-                period_finalize(period=period, actor=request.user)
-            except ValidationError as exc:
-                self.message_user(request, " ".join(exc.messages), messages.ERROR)
-                continue
-            self.log_change(request, period, "Finalized: invoices numbered and issued.")
-            done += 1
-        if done:
-            self.message_user(request, f"Finalized {done} period(s).", messages.SUCCESS)
+        each_through_service(self, request, queryset.select_related("team").order_by("start", "pk"),
+                             lambda period: period_finalize(period=period, actor=request.user),
+                             logged="Finalized: invoices numbered and issued.", done="Finalized {n} period(s).")
 
 
 class InvoiceLineInline(admin.TabularInline):

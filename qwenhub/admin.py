@@ -212,3 +212,23 @@ def action_form_response(modeladmin, request, *, title: str, intro: str, objects
         "selected": list(selected), "action": action, "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
     }
     return TemplateResponse(request, ACTION_FORM_TEMPLATE, context)
+
+
+def each_through_service(modeladmin, request, rows, call, *, logged: str, done: str,
+                         refused_level=messages.ERROR) -> int:
+    """An admin action: call(row) for each row; a refusal is a message, a success a LogEntry.
+
+    `done` is formatted with the number of successes ({n}) and shown if there were any.
+    """
+    n = 0
+    for row in rows:
+        try:
+            call(row)
+        except ValidationError as exc:
+            modeladmin.message_user(request, " ".join(exc.messages), refused_level)
+            continue
+        modeladmin.log_change(request, row, logged)
+        n += 1
+    if n:
+        modeladmin.message_user(request, done.format(n=n), messages.SUCCESS)
+    return n

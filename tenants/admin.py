@@ -8,11 +8,10 @@ through the quota services (this month only).
 """
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import ValidationError
 
 from qwenhub.admin import (
-    ReadOnlyAdminMixin, SecretLookupsRefusedMixin, ServiceAdminMixin, action_form_response, adopt, form_data,
-    inline_changes,
+    ReadOnlyAdminMixin, SecretLookupsRefusedMixin, ServiceAdminMixin, action_form_response, adopt,
+    each_through_service, form_data, inline_changes,
 )
 from tenants.models import ApiKey, AuditEvent, Member, QuotaCounter, Team, TeamQuotaCounter
 from tenants.selectors import api_key_list, member_list, member_list_for_counters, team_list
@@ -184,18 +183,11 @@ class ApiKeyAdmin(ServiceAdminMixin, SecretLookupsRefusedMixin, admin.ModelAdmin
 
     @admin.action(description="Revoke selected keys", permissions=["change"])
     def revoke_selected(self, request, queryset):
-        revoked = 0
-        for key in api_key_list(ids=queryset.values("pk")).order_by("pk"):
-            try:
-                api_key_revoke(key=key, actor=request.user, reason="revoked in the admin")
-            except ValidationError as exc:
-                self.message_user(request, " ".join(exc.messages), messages.WARNING)
-                continue
-            self.log_change(request, key, "Revoked (admin action “Revoke selected keys”).")
-            revoked += 1
-        if revoked:
-            self.message_user(request, f"Revoked {revoked} key(s); gateways refuse them within seconds.",
-                              messages.SUCCESS)
+        each_through_service(self, request, api_key_list(ids=queryset.values("pk")).order_by("pk"),
+                             lambda key: api_key_revoke(key=key, actor=request.user, reason="revoked in the admin"),
+                             logged="Revoked (admin action “Revoke selected keys”).",
+                             done="Revoked {n} key(s); gateways refuse them within seconds.",
+                             refused_level=messages.WARNING)
 
 
 @admin.register(AuditEvent)
