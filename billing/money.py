@@ -5,11 +5,15 @@ A rerun of an old month's close must give the same cents, so keep old behaviour 
 
 Currency digits come from Babel (CLDR): JPY has 0 decimals, CNY/USD/EUR 2, KWD 3.
 """
+import copy
 import math
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 
+from babel import Locale, UnknownLocaleError
 from babel.numbers import format_currency, get_currency_precision
+from django.conf import settings
+from django.utils import translation
 
 ROUNDING = ROUND_HALF_UP
 PRICE_PLACES = 6  # prices per 1M tokens are shown and stored with 6 decimals
@@ -56,3 +60,35 @@ def allocate(total: Decimal, weights: dict, currency: str) -> dict:
 def format_money(amount: Decimal, currency: str, locale: str = "en") -> str:
     """Format for people (templates and e-mails only; never parsed back)."""
     return format_currency(amount, currency, locale=locale)
+
+
+# --- display only: never fed back into arithmetic ----------------------------------------
+
+def current_locale() -> str:
+    """The active language as a Babel locale name (zh-hans → zh_Hans), English when unknown."""
+    name = translation.to_locale(translation.get_language() or settings.LANGUAGE_CODE)
+    try:
+        return str(Locale.parse(name))
+    except (UnknownLocaleError, ValueError):
+        return "en"
+
+
+def format_amount(amount: Decimal | None, currency: str, locale: str) -> str:
+    """format_money, and "" for no amount (display only)."""
+    return "" if amount is None else format_money(amount, currency, locale)
+
+
+def format_price(amount: Decimal | None, currency: str, locale: str) -> str:
+    """A price per 1M tokens in the locale's currency pattern: the currency's decimals, up to PRICE_PLACES."""
+    if amount is None:
+        return ""
+    pattern = copy.copy(Locale.parse(locale).currency_formats["standard"])
+    pattern.frac_prec = (get_currency_precision(currency), PRICE_PLACES)
+    return pattern.apply(amount, locale, currency=currency, currency_digits=False)
+
+
+def format_percent(share: Decimal, locale: str) -> str:
+    """The locale's percent pattern (62,50 % in German) with two decimals."""
+    pattern = copy.copy(Locale.parse(locale).percent_formats[None])
+    pattern.frac_prec = (2, 2)
+    return pattern.apply(share, locale)

@@ -1,5 +1,4 @@
 from django.contrib import admin
-from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 admin.site.site_header = "QwenHub administration"
@@ -7,7 +6,9 @@ admin.site.site_title = "QwenHub"
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
-    path("accounts/logout/", auth_views.LogoutView.as_view(next_page="/"), name="logout"),
-    path("", include("tenants.urls")),
+    path("accounts/", include("dashboards.accounts.urls")),
+    path("i18n/", include("django.conf.urls.i18n")),
+    path("api/", include("api.urls")),
+    path("team/", include("dashboards.team.urls")),
+    path("", include("dashboards.member.urls")),
 ]

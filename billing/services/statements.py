@@ -12,7 +12,6 @@ mail may have left) becomes needs_attention and waits for an admin's resend
 Texts are translatable (templates/billing/email/); amounts, prices and percentages are
 formatted by Babel for the language in force (settings.LANGUAGE_CODE), display only.
 """
-import copy
 import csv
 import io
 import logging
@@ -21,8 +20,6 @@ from dataclasses import dataclass
 from decimal import Decimal
 from urllib.parse import urlsplit
 
-from babel import Locale, UnknownLocaleError
-from babel.numbers import get_currency_precision
 from django.conf import settings
 from django.core import mail
 from django.core.exceptions import ValidationError
@@ -35,7 +32,7 @@ from django.utils import timezone, translation
 
 from billing.focus import focus_csv_write
 from billing.models import BillingPeriod, Invoice, InvoiceLine, StatementEmail
-from billing.money import PRICE_PLACES, format_money
+from billing.money import current_locale, format_amount, format_percent, format_price
 from billing.selectors import (
     invoice_detail, period_invoices_for_summary, share_of, statement_usage_by_day, team_admin_addresses,
 )
@@ -61,34 +58,6 @@ SEND_TIMEOUT_SECONDS = 60
 
 
 # --- formatting (display only) ----------------------------------------------------------
-
-def _locale() -> str:
-    name = translation.to_locale(translation.get_language() or settings.LANGUAGE_CODE)
-    try:
-        return str(Locale.parse(name))
-    except (UnknownLocaleError, ValueError):
-        return "en"
-
-
-def _money(amount: Decimal | None, currency: str, locale: str) -> str:
-    return "" if amount is None else format_money(amount, currency, locale)
-
-
-def _price(amount: Decimal | None, currency: str, locale: str) -> str:
-    """A price per 1M tokens in the locale's currency pattern: the currency's decimals, up to PRICE_PLACES."""
-    if amount is None:
-        return ""
-    pattern = copy.copy(Locale.parse(locale).currency_formats["standard"])
-    pattern.frac_prec = (get_currency_precision(currency), PRICE_PLACES)
-    return pattern.apply(amount, locale, currency=currency, currency_digits=False)
-
-
-def _percent(share: Decimal, locale: str) -> str:
-    """The locale's percent pattern (62,50 % in German) with two decimals."""
-    pattern = copy.copy(Locale.parse(locale).percent_formats[None])
-    pattern.frac_prec = (2, 2)
-    return pattern.apply(share, locale)
-
 
 def public_url(path: str) -> str:
     return settings.QWENHUB_PUBLIC_URL.rstrip("/") + path
@@ -134,7 +103,7 @@ def _member_context(invoice: Invoice, locale: str) -> dict:
     invoice, period = detail.invoice, detail.invoice.period
     cur = period.currency
     lines = [LineView(line.kind, line.model, line.requests, line.prompt_tokens, line.completion_tokens,
-                      _money(line.amount, cur, locale), _money(line.public_price_amount, cur, locale), line.reason)
+                      format_amount(line.amount, cur, locale), format_amount(line.public_price_amount, cur, locale), line.reason)
              for line in detail.lines]
     prices = (period.policy or {}).get("public_prices") or {}
     return {
@@ -142,14 +111,14 @@ def _member_context(invoice: Invoice, locale: str) -> dict:
         "username": invoice.member.user.get_username(), "lines": lines,
         "usage_lines": [v for v in lines if v.kind == InvoiceLine.Kind.USAGE],
         "other_lines": [v for v in lines if v.kind != InvoiceLine.Kind.USAGE],
-        "amount": _money(invoice.amount, cur, locale), "allocated": _money(invoice.allocated, cur, locale),
-        "adjusted": invoice.amount != invoice.allocated, "share": _percent(invoice.share, locale),
-        "cost": _money(period.cost, cur, locale), "explanation": period.explanation, "policy": period.applied_policy,
-        "tokens": detail.tokens, "effective_price": _price(detail.effective_price, cur, locale),
+        "amount": format_amount(invoice.amount, cur, locale), "allocated": format_amount(invoice.allocated, cur, locale),
+        "adjusted": invoice.amount != invoice.allocated, "share": format_percent(invoice.share, locale),
+        "cost": format_amount(period.cost, cur, locale), "explanation": period.explanation, "policy": period.applied_policy,
+        "tokens": detail.tokens, "effective_price": format_price(detail.effective_price, cur, locale),
         "has_public_prices": bool(prices) and detail.public_price_amount is not None,
-        "public_price_amount": _money(detail.public_price_amount, cur, locale),
-        "public_prices": [{"model": m, "prompt": _price(Decimal(str(p.get("prompt", 0))), cur, locale),
-                           "completion": _price(Decimal(str(p.get("completion", 0))), cur, locale)}
+        "public_price_amount": format_amount(detail.public_price_amount, cur, locale),
+        "public_prices": [{"model": m, "prompt": format_price(Decimal(str(p.get("prompt", 0))), cur, locale),
+                           "completion": format_price(Decimal(str(p.get("completion", 0))), cur, locale)}
                           for m, p in sorted(prices.items())],
         "url": statement_invoice_url(invoice=invoice),
     }
@@ -159,17 +128,17 @@ def _summary_context(period: BillingPeriod, locale: str) -> dict:
     cur = period.currency
     invoices = period_invoices_for_summary(period=period)
     rows = [{"username": i.member.user.get_username(), "number": i.number or "",
-             "allocated": _money(i.allocated, cur, locale), "amount": _money(i.amount, cur, locale),
-             "share": _percent(i.share, locale)} for i in invoices]
+             "allocated": format_amount(i.allocated, cur, locale), "amount": format_amount(i.amount, cur, locale),
+             "share": format_percent(i.share, locale)} for i in invoices]
     difference = None if period.actual_cost is None else period.actual_cost - period.planned_cost
     return {
         "team": period.team, "period": period, "rows": rows, "explanation": period.explanation,
         "policy": period.applied_policy, "fell_back": period.fell_back,
-        "cost": _money(period.cost, cur, locale), "planned_cost": _money(period.planned_cost, cur, locale),
-        "actual_cost": _money(period.actual_cost, cur, locale), "difference": _money(difference, cur, locale),
-        "allocated": _money(period.allocated, cur, locale), "idle": _money(period.idle, cur, locale),
-        "idle_share": _percent(share_of(period.idle, period.cost), locale) if period.cost else _percent(0, locale),
-        "unallocated": _money(period.unallocated, cur, locale), "has_unallocated": bool(period.unallocated),
+        "cost": format_amount(period.cost, cur, locale), "planned_cost": format_amount(period.planned_cost, cur, locale),
+        "actual_cost": format_amount(period.actual_cost, cur, locale), "difference": format_amount(difference, cur, locale),
+        "allocated": format_amount(period.allocated, cur, locale), "idle": format_amount(period.idle, cur, locale),
+        "idle_share": format_percent(share_of(period.idle, period.cost), locale) if period.cost else format_percent(0, locale),
+        "unallocated": format_amount(period.unallocated, cur, locale), "has_unallocated": bool(period.unallocated),
         "url": statement_period_url(period=period),
     }
 
@@ -177,7 +146,7 @@ def _summary_context(period: BillingPeriod, locale: str) -> dict:
 def statement_message(*, email: StatementEmail, to: list[str], connection=None) -> EmailMultiAlternatives:
     """The e-mail of an outbox row (HTML and plain text, its CSV attached, its Message-ID), in the site's language."""
     with translation.override(settings.LANGUAGE_CODE):
-        locale = _locale()
+        locale = current_locale()
         if email.kind == StatementEmail.Kind.MEMBER:
             invoice = email.invoice
             context = _member_context(invoice, locale)

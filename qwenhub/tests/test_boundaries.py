@@ -8,11 +8,14 @@ The parts (tests and migrations are not walked; the benchmark is not shipped):
     proxy          the catalog: upstreams, public models, routes, aliases
     proxy.gateway  the request path
     proxy.simulator  the vLLM stand-in (no Django)
+    dashboards     the members' and team admins' pages
+    api            the management REST API
 
 The rules: only the ASGI entry point imports the gateway; the gateway imports no
 `services` or `admin` module (rules reach it as SQL text and plain code); tenants imports
 neither billing nor the gateway; the simulator imports no Django and nothing of QwenHub;
-and no two apps import each other, directly or around a circle.
+the pages and the API sit on top (no app below imports them); and no two apps import each
+other, directly or around a circle.
 """
 import ast
 from pathlib import Path
@@ -20,8 +23,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("qwenhub", "tenants", "billing", "proxy")
-APPS = ("tenants", "billing", "proxy", "proxy.gateway", "proxy.simulator")
+PACKAGES = ("qwenhub", "tenants", "billing", "proxy", "dashboards", "api")
+APPS = ("tenants", "billing", "proxy", "proxy.gateway", "proxy.simulator", "dashboards", "api")
 GATEWAY_ENTRY = "qwenhub.asgi"
 
 
@@ -115,6 +118,14 @@ def test_tenants_imports_neither_billing_nor_the_gateway(graph):
         graph,
         lambda src: _is_under(src, "tenants"),
         lambda dst: _is_under(dst, "billing") or _is_under(dst, "proxy.gateway"),
+    ) == []
+
+
+def test_nothing_below_imports_the_pages_or_the_api(graph):
+    assert _violations(
+        graph,
+        lambda src: _app_of(src) in ("tenants", "billing", "proxy", "proxy.gateway"),
+        lambda dst: _is_under(dst, "dashboards") or _is_under(dst, "api"),
     ) == []
 
 

@@ -1,0 +1,107 @@
+"""Usage as people read it: a member's or a team's requests, listed and aggregated by day.
+
+The dashboards, the management API and the OpenAI-style usage endpoints all read usage
+through these (never their own queries), so a figure is the same wherever it is shown.
+
+- Lists (`usage_rows`) show every request, whatever its status, newest first.
+- Aggregates (`usage_by_day`) count what billing counts (billing.selectors.BILLED_STATUSES:
+  answered requests, a disconnect included); rejected and failed requests cost nothing and
+  are not in them.
+- Days are the team's calendar days (its time zone), like its months.
+"""
+import zoneinfo
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+
+from django.db.models import Count, QuerySet, Sum
+from django.db.models.functions import TruncDate
+from django.utils import timezone
+
+from billing.models import UsageRecord
+from billing.selectors import BILLED_STATUSES, CostReport, ShareRow, cost_report
+from tenants.models import Member, Team
+from tenants.periods import next_period_start, period_start_for
+
+LIST_FIELDS = ("id", "request_id", "member_id", "api_key_id", "endpoint", "model", "prompt_tokens",
+               "completion_tokens", "total_tokens", "cached_tokens", "status", "http_status", "stream",
+               "started_at", "ttft_ms", "duration_ms")
+GROUPS = (None, "member", "model")
+
+
+def local_midnight(team: Team, day: date) -> datetime:
+    return datetime.combine(day, time(0), tzinfo=zoneinfo.ZoneInfo(team.timezone))
+
+
+def months_back(team: Team, months: int, now: datetime | None = None) -> tuple[date, date]:
+    """[first day, day after the last) of the last `months` calendar months, this one included."""
+    start = period_start_for(team.timezone, now)
+    first = start
+    for _ in range(max(1, months) - 1):
+        first = (first - timedelta(days=1)).replace(day=1)
+    return first, next_period_start(start)
+
+
+def usage_rows(*, team: Team, member: Member | None = None, since: date | None = None, until: date | None = None,
+               model: str | None = None, status: str | None = None) -> QuerySet[UsageRecord]:
+    """Requests of the team (or of one member), newest first; days [since, until) in the team's time zone."""
+    rows = UsageRecord.objects.filter(team=team)
+    if member is not None:
+        rows = rows.filter(member=member)
+    if since is not None:
+        rows = rows.filter(started_at__gte=local_midnight(team, since))
+    if until is not None:
+        rows = rows.filter(started_at__lt=local_midnight(team, until))
+    if model:
+        rows = rows.filter(model=model)
+    if status:
+        rows = rows.filter(status=status)
+    return rows.only(*LIST_FIELDS).order_by("-started_at", "-id")
+
+
+@dataclass(frozen=True)
+class DayUsage:
+    day: date
+    key: object  # the member id or model name grouped by, None when not grouped
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def usage_by_day(*, team: Team, since: date, until: date, member: Member | None = None,
+                 by: str | None = None) -> list[DayUsage]:
+    """Counted usage per team day [since, until), optionally per member or model, in SQL (one query)."""
+    if by not in GROUPS:
+        raise ValueError(f"by must be one of {GROUPS}")
+    rows = UsageRecord.objects.filter(
+        team=team, status__in=BILLED_STATUSES,
+        # period_start narrows the scan to the months' index range; started_at is the exact bound.
+        period_start__gte=since.replace(day=1), period_start__lt=until,
+        started_at__gte=local_midnight(team, since), started_at__lt=local_midnight(team, until))
+    if member is not None:
+        rows = rows.filter(member=member)
+    fields = ["day"] + ([f"{by}_id" if by == "member" else by] if by else [])
+    rows = (rows.annotate(day=TruncDate("started_at", tzinfo=zoneinfo.ZoneInfo(team.timezone)))
+            .values(*fields).annotate(requests=Count("id"), prompt=Sum("prompt_tokens"),
+                                      completion=Sum("completion_tokens")).order_by(*fields))
+    return [DayUsage(r["day"], r[fields[1]] if by else None, r["requests"], r["prompt"] or 0, r["completion"] or 0)
+            for r in rows]
+
+
+def days(since: date, until: date) -> list[date]:
+    return [since + timedelta(days=n) for n in range((until - since).days)]
+
+
+@dataclass(frozen=True)
+class MemberProjection:
+    report: CostReport
+    row: ShareRow | None  # None: the member is not billed this month
+
+
+def member_projection(*, member: Member, now: datetime | None = None) -> MemberProjection:
+    """The member's share and cost of this month so far, from the close's own code (billing.selectors.cost_report)."""
+    report = cost_report(team=member.team, start=period_start_for(member.team.timezone, now or timezone.now()))
+    return MemberProjection(report, next((r for r in report.rows if r.member_id == member.pk), None))
