@@ -156,8 +156,13 @@ def last_month(tz: str = TZ, now: datetime | None = None) -> date:
     return (this - timedelta(days=1)).replace(day=1)
 
 
-def generate(*, members: int = 50, rows: int = 1_000_000, slug: str = TEAM_SLUG, vacuum: bool = True) -> dict:
-    """The team, its members (quotas, keys), last month's usage rows and counters; timings in seconds."""
+def generate(*, members: int = 50, rows: int = 1_000_000, slug: str = TEAM_SLUG, vacuum: bool = True,
+             start: date | None = None, days: int | None = None) -> dict:
+    """The team, its members (quotas, keys), a month's usage rows and counters; timings in seconds.
+
+    The month is last month unless `start` says otherwise; the rows fall in its first `days`
+    days (the whole month by default: the pages scenario passes the days of this month so far).
+    """
     import zoneinfo
 
     from django.db import connection
@@ -168,14 +173,14 @@ def generate(*, members: int = 50, rows: int = 1_000_000, slug: str = TEAM_SLUG,
     from tenants.services import api_key_issue, member_add, team_create
 
     t0 = time.perf_counter()
-    start = last_month()
-    days = (next_period_start(start) - start).days
+    start = start or last_month()
+    days = days or (next_period_start(start) - start).days
     weights = member_weights(members)
     expected_rows = [rows * w / sum(weights) for w in weights]
     expected_tokens = rows * MEAN_TOKENS
     team = team_create(slug=slug, name="Close benchmark", timezone_name=TZ, currency="CNY",
                        monthly_cost=MONTHLY_COST, token_cap=_nice_up(2 * expected_tokens))
-    late = late_joiners(members)
+    late = late_joiners(members) if days >= 28 else {}  # a month so far of a few days: nobody joined late
     tz = zoneinfo.ZoneInfo(TZ)
     member_ids, key_ids, first_day = [], [], []
     for i in range(members):

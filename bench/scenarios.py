@@ -250,3 +250,31 @@ def close_month(b: Bench) -> list[Result]:
     closed.notes.append(f"slowest statement {out['slowest'][0]['s']:.2f} s: {out['slowest'][0]['sql'][:160]}")
     closed.notes.append("statements: " + ", ".join(f"{k} x{n}" for k, n in out["statement_kinds"].items()))
     return [generated, closed]
+
+
+# --- the dashboards on a big month ------------------------------------------------------------------
+PAGES_MEMBERS = 50
+PAGES_ROWS = 1_000_000
+
+
+@scenario("pages", sims=(), members=(), gateway=False,
+          help=f"the team page and a member's page with {PAGES_ROWS:,} usage rows in this month across "
+               f"{PAGES_MEMBERS} members")
+def dashboard_pages(b: Bench) -> list[Result]:
+    """Data and rendering run in subprocesses (bench.pagesdata), like the close scenario."""
+    print(f"  generating {PAGES_ROWS:,} usage rows this month for {PAGES_MEMBERS} members ...", flush=True)
+    gen = django_json("bench.pagesdata", "generate", {"members": PAGES_MEMBERS, "rows": PAGES_ROWS})
+    print(f"  generated {gen['rows']:,} rows in {gen['insert_s']:.1f} s; rendering ...", flush=True)
+    out = django_json("bench.pagesdata", "render", {"team": gen["team"], "repeat": 5})
+    params = {"members": PAGES_MEMBERS, "rows": gen["rows"], "month": gen["start"][:7], "renders": 5}
+    results = []
+    for page, path, limit in (("team", "/team/", 1.0), ("member", "/", 0.3)):
+        got = out[page]
+        print(f"  {path}: median {got['median_s'] * 1000:.0f} ms, slowest {got['max_s'] * 1000:.0f} ms, "
+              f"{got['queries']} queries, {got['bytes'] / 1024:.0f} KiB", flush=True)
+        r = Result("pages", f"{page} page ({path})", params, metrics={
+            "median_s": got["median_s"], "max_s": got["max_s"], "queries": got["queries"], "kib": got["bytes"] / 1024})
+        r.targets.append(Target(f"{page} page, median render", "median_s", "<=", limit, "s"))
+        r.notes.append("Django's test client in one process: the view, its SQL and the template, no HTTP server")
+        results.append(r)
+    return results

@@ -1,0 +1,92 @@
+"""The `pages` scenario's Django side: this month's usage generated in SQL, then the dashboards timed on it.
+
+    python -m bench.pagesdata generate '{"members": 50, "rows": 1000000}'
+    python -m bench.pagesdata render '{"team": "pages-bench", "repeat": 5}'
+
+``generate`` is the close scenario's generator (bench.closedata) pointed at the team's
+current month, the rows spread over the days so far. ``render`` signs in as the team's first
+admin and as its heaviest member with quotas and renders the team page (/team/) and the
+member page (/) through Django's test client in this process (the HTTP server's own share is
+the gateway scenarios' business): each page once to warm up, then `repeat` times, reporting
+the median and the slowest wall time and the number of SQL statements of each render.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+TEAM_SLUG = "pages-bench"
+
+
+def generate(*, members: int = 50, rows: int = 1_000_000, slug: str = TEAM_SLUG, vacuum: bool = True) -> dict:
+    from django.utils import timezone
+
+    from bench import closedata
+    from tenants.periods import period_start_for
+
+    start = period_start_for(closedata.TZ)
+    today = timezone.now().astimezone(__import__("zoneinfo").ZoneInfo(closedata.TZ)).date()
+    return closedata.generate(members=members, rows=rows, slug=slug, vacuum=vacuum, start=start,
+                               days=(today - start).days + 1)
+
+
+def _timed(client, path: str, repeat: int) -> dict:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    first = client.get(path)
+    if first.status_code != 200:
+        raise SystemExit(f"{path} answered {first.status_code}")
+    walls, queries = [], []
+    for _ in range(repeat):
+        with CaptureQueriesContext(connection) as captured:
+            t0 = time.perf_counter()
+            response = client.get(path)
+            walls.append(time.perf_counter() - t0)
+        assert response.status_code == 200
+        queries.append(len(captured.captured_queries))
+    return {"median_s": statistics.median(walls), "max_s": max(walls), "queries": max(queries),
+            "bytes": len(response.content)}
+
+
+def render(*, slug: str = TEAM_SLUG, repeat: int = 5) -> dict:
+    from django.conf import settings
+    from django.test import Client
+
+    from tenants.models import Member
+
+    settings.ALLOWED_HOSTS = ["*"]
+    admin = Member.objects.filter(team__slug=slug, role=Member.Role.ADMIN).select_related("user").order_by("pk")[0]
+    heavy = (Member.objects.filter(team__slug=slug, role=Member.Role.MEMBER).select_related("user")
+             .order_by("pk")[0])  # the member weights fall with the index: the first one is the heaviest
+    admin_client, member_client = Client(), Client()
+    admin_client.force_login(admin.user)
+    member_client.force_login(heavy.user)
+    return {"team": _timed(admin_client, "/team/", repeat), "member": _timed(member_client, "/", repeat),
+            "member_username": heavy.user.get_username()}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[1] not in ("generate", "render"):
+        print("usage: python -m bench.pagesdata generate|render '<json spec>'", file=sys.stderr)
+        return 2
+    import django
+
+    django.setup()
+    from django.db import connection
+
+    spec = json.loads(argv[2])
+    if argv[1] == "generate":
+        out = generate(members=spec.get("members", 50), rows=spec.get("rows", 1_000_000),
+                       slug=spec.get("team", TEAM_SLUG))
+    else:
+        out = render(slug=spec.get("team", TEAM_SLUG), repeat=spec.get("repeat", 5))
+    connection.close()
+    print(json.dumps(out, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
