@@ -112,6 +112,8 @@ class Simulator:
         cfg, ctl = self.cfg, self.engine.ctl
         try:
             fault = await self._prologue(request)
+            if cfg.pooling:
+                raise p.unsupported_api("Chat Completions" if chat else "Completions")
             body = await self._body(request)
             make = p.chat_job if chat else p.completion_job
             job = make(body, resolve=self._resolve, max_model_len=cfg.max_model_len, response_tokens=ctl.response_tokens,
@@ -201,6 +203,8 @@ class Simulator:
         cfg = self.cfg
         try:
             fault = await self._prologue(request)
+            if not cfg.pooling:
+                raise p.unsupported_api("Embeddings")
             body = await self._body(request)
             items = p.embedding_inputs(body)
             model = p.resolve_model(body, self.names, self.default_model)

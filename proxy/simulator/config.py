@@ -46,7 +46,15 @@ class SimConfig:
     dead: bool = False
     health_delay_s: float = 5.0
     legacy_metric_names: bool = False
+    # vLLM's --runner: "generate" serves chat and completions, "pooling" only embeddings;
+    # "auto" picks pooling for a model named like an embedding model (vLLM reads the architecture).
+    runner: str = "auto"
     log_level: str = "warning"
+
+    @property
+    def pooling(self) -> bool:
+        return self.runner == "pooling" or (self.runner == "auto" and any(
+            word in self.model.lower() for word in ("embed", "bge-", "e5-", "gte-")))
 
     @property
     def served_names(self) -> list[str]:
@@ -94,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="nested = vLLM >= 0.10.1 {'error': {...}}; flat = older {'object': 'error', ...}")
     a("--response-tokens", type=int, default=d.response_tokens,
       help="tokens the simulated model generates before it stops on its own")
+    a("--runner", choices=("auto", "generate", "pooling"), default=d.runner,
+      help="generate: chat and completions; pooling: embeddings only (auto: by the model's name)")
     a("--embedding-dim", type=int, default=d.embedding_dim)
     a("--kv-cache-tokens", type=int, default=d.kv_cache_tokens,
       help="simulated KV cache size in tokens (for vllm:kv_cache_usage_perc)")

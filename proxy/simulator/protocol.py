@@ -45,6 +45,11 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, "BadRequestError", param)
 
 
+def unsupported_api(api: str) -> ApiError:
+    """What vLLM answers for an endpoint the served model's runner lacks (embeddings of a generative model)."""
+    return ApiError(400, f"The model does not support {api} API", "BadRequestError")
+
+
 def model_not_found(name: str) -> ApiError:
     return ApiError(404, f"The model `{name}` does not exist.", "NotFoundError", "model")
 

@@ -97,6 +97,13 @@ def sim():
 
 
 @pytest.fixture(scope="session")
+def embed_sim():
+    """An embedding model (vLLM's pooling runner): generative models refuse /v1/embeddings."""
+    with start_simulator("--model", "BAAI/bge-m3", "--runner", "pooling") as handle:
+        yield handle
+
+
+@pytest.fixture(scope="session")
 def gateway(django_db_setup, tmp_path_factory):
     process = GatewayProcess(tmp_path_factory.mktemp("gateway"))
     yield process

@@ -67,18 +67,38 @@ def test_n_choices_sum_completion_tokens(world):
     assert rows_for(world.member)[0].completion_tokens == 12
 
 
-def test_completions_and_embeddings(world):
+def test_completions_and_embeddings(world, embed_sim):
+    from proxy.services import upstream_add
+
+    upstream_add(name=f"{world.upstream.name}-embed", base_url=embed_sim.base_url, served_name="BAAI/bge-m3",
+                 public_name="bge-m3", max_concurrency=8)
     client = world.client()
     prompt = "Once upon a time, there was"
     completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=7)
     assert completion.model == MODEL and completion.usage.completion_tokens == 7
-    embedding = client.embeddings.create(model=MODEL, input="hello world")  # the SDK asks for base64
+    embedding = wait_for(lambda: _embed(client))  # the routing table reloads within its cache time
+    assert embedding.model == "bge-m3"
     assert len(embedding.data[0].embedding) > 0 and embedding.usage.prompt_tokens == 2
     rows = rows_for(world.member, 2)
     by_endpoint = {r.endpoint: r for r in rows}
     assert by_endpoint["completions"].prompt_tokens == completion_prompt_tokens(prompt)
     assert by_endpoint["completions"].completion_tokens == 7
     assert (by_endpoint["embeddings"].prompt_tokens, by_endpoint["embeddings"].completion_tokens) == (2, 0)
+
+
+def _embed(client):
+    try:
+        return client.embeddings.create(model="bge-m3", input="hello world")  # the SDK asks for base64
+    except openai.NotFoundError:
+        return None
+
+
+def test_embeddings_of_a_generative_model_are_refused_as_vllm_does(world):
+    with pytest.raises(openai.BadRequestError) as refused:
+        world.client().embeddings.create(model=MODEL, input="hello world")
+    assert refused.value.body["message"] == "The model does not support Embeddings API"
+    row = rows_for(world.member)[0]
+    assert (row.endpoint, row.status, row.http_status, row.total_tokens) == ("embeddings", "client_error", 400, 0)
 
 
 def test_stream_without_usage_looks_like_vllm(world):

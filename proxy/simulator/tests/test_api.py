@@ -25,6 +25,13 @@ def sim():
         yield handle
 
 
+@pytest.fixture(scope="module")
+def embed_sim():
+    """A model served for embedding (vLLM's pooling runner): the only kind that answers /v1/embeddings."""
+    with start_simulator("--model", "BAAI/bge-m3", "--served-model-name", SERVED, "--runner", "pooling") as handle:
+        yield handle
+
+
 @pytest.fixture()
 def client(sim):
     with openai.OpenAI(base_url=sim.base_url, api_key="unused", max_retries=0) as c:
@@ -119,7 +126,22 @@ def test_completions_str_ids_and_list(client):
     assert resp.usage.prompt_tokens == 3 and resp.usage.completion_tokens == 8
 
 
-def test_embeddings_base64_default_and_float(client, sim):
+def test_a_generative_model_refuses_embeddings_and_a_pooling_model_generation(client, sim, embed_sim):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.embeddings.create(model=SERVED, input="Hello")
+    assert refused.value.body["message"] == "The model does not support Embeddings API"
+    assert refused.value.body["type"] == "BadRequestError"
+    for path, api in (("/chat/completions", "Chat Completions"), ("/completions", "Completions")):
+        r = httpx.post(embed_sim.base_url + path, json={"messages": MSGS, "prompt": "hi"})
+        assert r.status_code == 400 and r.json()["error"]["message"] == f"The model does not support {api} API"
+    auto = __import__("proxy.simulator.config", fromlist=["parse_args"]).parse_args
+    assert auto(["--model", "Qwen/Qwen3-Embedding-0.6B"]).pooling and not auto(["--model", "Qwen/Qwen2.5-7B"]).pooling
+    assert not auto(["--model", "BAAI/bge-m3", "--runner", "generate"]).pooling
+
+
+def test_embeddings_base64_default_and_float(embed_sim):
+    sim = embed_sim
+    client = openai.OpenAI(base_url=sim.base_url, api_key="unused", max_retries=0)
     resp = client.embeddings.create(model=SERVED, input=["Hello, world!", "other text"])  # SDK sends base64
     assert resp.model == SERVED and len(resp.data) == 2
     assert resp.usage.prompt_tokens == 4 + 2 and resp.usage.total_tokens == 6
@@ -145,15 +167,13 @@ def test_async_client_chat_completions_and_stream(sim):
             stream = await ac.chat.completions.create(model=SERVED, messages=MSGS, stream=True,
                                                       stream_options={"include_usage": True})
             chunks = [c async for c in stream]
-            emb = await ac.embeddings.create(model=SERVED, input="hi there")
-            return r1, r2, chunks, emb
+            return r1, r2, chunks
 
-    r1, r2, chunks, emb = asyncio.run(go())
+    r1, r2, chunks = asyncio.run(go())
     assert r1.usage.completion_tokens == 6 and len(r1.choices) == 2
     assert r2.usage.completion_tokens == 2
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 16
     assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]).startswith("Sure, here")
-    assert emb.usage.prompt_tokens == 2
 
 
 # --- streaming ---------------------------------------------------------------------------
