@@ -210,6 +210,8 @@ LOGGING = {
 QWENHUB_SIMULATOR_URL = env("QWENHUB_SIMULATOR_URL", default="http://127.0.0.1:8001/v1")
 # Largest request body the gateway accepts (bytes); larger → 413.
 QWENHUB_MAX_BODY_BYTES = env.int("QWENHUB_MAX_BODY_BYTES", default=2 * 1024 * 1024)
+# Seconds a /v1 request's body may take to arrive; a stalled upload is answered 408.
+QWENHUB_BODY_TIMEOUT = env.float("QWENHUB_BODY_TIMEOUT", default=30.0)
 # How long an API key's record is cached in each gateway process (revocation delay).
 QWENHUB_KEY_CACHE_SECONDS = env.float("QWENHUB_KEY_CACHE_SECONDS", default=3.0)
 # Seconds between each gateway process's batched writes of API keys' last_used_at.

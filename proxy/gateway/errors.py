@@ -11,6 +11,7 @@ from billing.models import UsageRecord
 INVALID_KEY = "Incorrect API key provided. You can find your API keys in your QwenHub dashboard."
 INVALID_JSON = "We could not parse the JSON body of your request. The body must be a JSON object."
 BODY_TOO_LARGE = "The request body is larger than the gateway accepts ({limit} bytes)."
+BODY_TIMEOUT = "The request body did not arrive within {seconds:g} seconds."
 MISSING_FIELD = "You must provide a '{field}' parameter."
 WRONG_TYPE = "'{field}' must be {kind}."
 EMBEDDINGS_NOT_STREAMED = "Embeddings cannot be streamed."
@@ -110,12 +111,20 @@ def wrong_type(field: str, kind: str) -> ApiError:
     return invalid_request(WRONG_TYPE.format(field=field, kind=kind), param=field)
 
 
+def too_many_choices(limit: int) -> ApiError:
+    return invalid_request(f"'n' must be at most {limit}.", param="n")
+
+
 def embeddings_not_streamed() -> ApiError:
     return invalid_request(EMBEDDINGS_NOT_STREAMED, param="stream")
 
 
 def body_too_large(limit: int) -> ApiError:
     return invalid_request(BODY_TOO_LARGE.format(limit=limit), code="request_too_large", status=413)
+
+
+def body_timeout(seconds: float) -> ApiError:
+    return invalid_request(BODY_TIMEOUT.format(seconds=seconds), code="request_timeout", status=408)
 
 
 def not_found(method: str, path: str) -> ApiError:

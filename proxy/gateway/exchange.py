@@ -69,16 +69,21 @@ class Exchange:
         await self.start(status, headers)
         await self.body(body, False)
 
-    async def read_body(self, limit: int) -> bytes:
+    async def read_body(self, limit: int, timeout: float) -> bytes:
+        """The whole body, at most `limit` bytes, within `timeout` seconds (a stalled upload is a 408)."""
         chunks, size = [], 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise errors.body_too_large(limit)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    message = await self.receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientGone()
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise errors.body_too_large(limit)
+                    chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        return b"".join(chunks)
+        except TimeoutError:
+            raise errors.body_timeout(timeout) from None

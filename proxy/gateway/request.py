@@ -67,6 +67,10 @@ async def resolve_model(router: Router, key: KeyInfo, name: str) -> Route:
     return route
 
 
+# OpenAI's bound on `n`: a request for a million choices would tie up the model server.
+MAX_CHOICES = 128
+
+
 def parse(body: bytes, endpoint: str) -> dict:
     """The JSON body, checked as far as the gateway needs (vLLM judges the rest)."""
     try:
@@ -86,6 +90,8 @@ def parse(body: bytes, endpoint: str) -> dict:
         value = payload.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise errors.wrong_type(name, "a positive integer")
+    if (payload.get("n") or 1) > MAX_CHOICES:
+        raise errors.too_many_choices(MAX_CHOICES)
     if "stream" in payload and not isinstance(payload["stream"], bool) and payload["stream"] is not None:
         raise errors.wrong_type("stream", "a boolean")
     if endpoint == "embeddings" and payload.get("stream"):
@@ -113,7 +119,7 @@ def completion_bound(payload: dict, endpoint: str, route: Route) -> int:
 async def plan(ex: Exchange, endpoint: str, router: Router) -> Request:
     """Stage 1: the Request, authenticated and checked, with its route, reservation size and usage row."""
     req = Request(ex, await key_for(ex), endpoint)
-    body = await ex.read_body(settings.QWENHUB_MAX_BODY_BYTES)
+    body = await ex.read_body(settings.QWENHUB_MAX_BODY_BYTES, settings.QWENHUB_BODY_TIMEOUT)
     req.payload = payload = parse(body, endpoint)
     req.model_name = payload["model"]
     req.route = route = await resolve_model(router, req.key, req.model_name)
