@@ -214,6 +214,8 @@ QWENHUB_MAX_BODY_BYTES = env.int("QWENHUB_MAX_BODY_BYTES", default=2 * 1024 * 10
 QWENHUB_BODY_TIMEOUT = env.float("QWENHUB_BODY_TIMEOUT", default=30.0)
 # How long an API key's record is cached in each gateway process (revocation delay).
 QWENHUB_KEY_CACHE_SECONDS = env.float("QWENHUB_KEY_CACHE_SECONDS", default=3.0)
+# Invalid /v1 keys one client address may present per minute (per gateway process) before 429s.
+QWENHUB_BAD_KEYS_PER_MINUTE = env.int("QWENHUB_BAD_KEYS_PER_MINUTE", default=30)
 # Seconds between each gateway process's batched writes of API keys' last_used_at.
 QWENHUB_LAST_USED_FLUSH_SECONDS = env.float("QWENHUB_LAST_USED_FLUSH_SECONDS", default=30.0)
 # How long each gateway process caches the routing table (models, aliases, upstreams).

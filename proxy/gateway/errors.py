@@ -11,6 +11,7 @@ from billing.models import UsageRecord
 INVALID_KEY = "Incorrect API key provided. You can find your API keys in your QwenHub dashboard."
 INVALID_JSON = "We could not parse the JSON body of your request. The body must be a JSON object."
 BODY_TOO_LARGE = "The request body is larger than the gateway accepts ({limit} bytes)."
+TOO_MANY_BAD_KEYS = "Too many requests with an invalid API key from this address. Try again later."
 BODY_TIMEOUT = "The request body did not arrive within {seconds:g} seconds."
 MISSING_FIELD = "You must provide a '{field}' parameter."
 WRONG_TYPE = "'{field}' must be {kind}."
@@ -144,6 +145,12 @@ def quota_exceeded(message: str) -> QuotaExceeded:
 def rate_limited(message: str, *, kind: str, wait_ms: int, headers: Headers | tuple = ()) -> ApiError:
     """A rate limit is reached; `kind` ("requests" or "tokens") is OpenAI's error type. The SDK retries after wait_ms."""
     return ApiError(429, message, kind, code="rate_limit_exceeded", headers=[*headers, *retry_after(wait_ms)])
+
+
+def too_many_bad_keys(wait_ms: int) -> ApiError:
+    """Too many invalid keys from one address: refused before any lookup until the window ends."""
+    return ApiError(429, TOO_MANY_BAD_KEYS, "invalid_request_error", code="too_many_failed_authentications",
+                    headers=retry_after(wait_ms))
 
 
 def over_rate_limit(message: str, *, headers: Headers | tuple = ()) -> ApiError:

@@ -128,6 +128,43 @@ async def authenticate(raw_key: str | None) -> KeyInfo | None:
     return info
 
 
+# --- guessing keys ----------------------------------------------------------------------------
+# Each process counts the invalid keys per client address in a fixed window; past the limit the
+# address gets 429s without a lookup (a miss costs a SELECT) until the window ends, except for
+# keys this process has seen valid before: a lab behind one NAT address keeps working while a
+# script with a wrong key hammers. Per process: with N workers an address may try up to N × the
+# limit per window.
+_bad_keys: dict[str, tuple[float, int]] = {}  # address → (window end, failures)
+_BAD_KEY_WINDOW = 60.0
+
+
+def note_bad_key(address: str) -> None:
+    now = time.monotonic()
+    end, count = _bad_keys.get(address, (0.0, 0))
+    if end <= now:
+        if len(_bad_keys) >= _MAX_ENTRIES:
+            _bad_keys.clear()
+        end, count = now + _BAD_KEY_WINDOW, 0
+    _bad_keys[address] = (end, count + 1)
+
+
+def known_key(raw_key: str | None) -> bool:
+    """True for a key this process found valid at some point (its cache entry may have expired)."""
+    if not raw_key or not api_key_is_plausible(raw_key):
+        return False
+    entry = _cache.get(api_key_hash(raw_key))
+    return entry is not None and entry[1] is not None
+
+
+def bad_key_wait_ms(address: str) -> int | None:
+    """Milliseconds until the address may try again, or None when it is under the limit."""
+    entry = _bad_keys.get(address)
+    if entry is None or entry[1] < settings.QWENHUB_BAD_KEYS_PER_MINUTE:
+        return None
+    wait = entry[0] - time.monotonic()
+    return int(wait * 1000) + 1 if wait > 0 else None
+
+
 # --- last_used_at, written off the request path ------------------------------------------------
 
 def _write_last_used(batch: dict[int, datetime]) -> int:

@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from proxy.gateway import errors
 from proxy.gateway.exchange import Exchange
-from proxy.gateway.keys import KeyInfo, authenticate, extract_key
+from proxy.gateway.keys import KeyInfo, authenticate, bad_key_wait_ms, extract_key, known_key, note_bad_key
 from proxy.gateway.ledger import Usage, UsageRow
 from proxy.gateway.observability import AUTH_FAILURES, observe
 from proxy.gateway.upstream import Route, Router
@@ -51,10 +51,16 @@ class Request:
 
 
 async def key_for(ex: Exchange) -> KeyInfo:
-    """The key of the request, or the 401 every bad key gets alike."""
-    key = await authenticate(extract_key(dict(ex.scope["headers"])))
+    """The key of the request, or the 401 every bad key gets alike (a 429 once an address guesses too often)."""
+    raw = extract_key(dict(ex.scope["headers"]))
+    address = (ex.scope.get("client") or ("?",))[0]
+    if (wait_ms := bad_key_wait_ms(address)) is not None and not known_key(raw):
+        AUTH_FAILURES.inc()
+        raise errors.too_many_bad_keys(wait_ms)
+    key = await authenticate(raw)
     if key is None:
         AUTH_FAILURES.inc()
+        note_bad_key(address)
         raise errors.invalid_key()
     return key
 

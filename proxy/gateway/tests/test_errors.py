@@ -26,6 +26,8 @@ def shape(exc: ApiError) -> tuple:
      errors.EMBEDDINGS_NOT_STREAMED),
     (errors.body_too_large(1024), (413, "invalid_request_error", "request_too_large", None, S.REJECTED),
      "The request body is larger than the gateway accepts (1024 bytes)."),
+    (errors.too_many_bad_keys(1500),
+     (429, "invalid_request_error", "too_many_failed_authentications", None, S.REJECTED), errors.TOO_MANY_BAD_KEYS),
     (errors.body_timeout(30.0), (408, "invalid_request_error", "request_timeout", None, S.REJECTED),
      "The request body did not arrive within 30 seconds."),
     (errors.not_found("GET", "/v1/nothing"), (404, "invalid_request_error", "not_found", None, S.REJECTED),
