@@ -173,7 +173,9 @@ DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="QwenHub <qwenhub@localho
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
-LANGUAGE_CODE = "en"
+# The language of e-mails (statements, invitations) and of pages for browsers that ask for none
+# of LANGUAGES; a page otherwise follows the browser's Accept-Language or the switcher.
+LANGUAGE_CODE = env("LANGUAGE_CODE", default="en")
 LANGUAGES = [("en", "English"), ("zh-hans", "简体中文")]
 LOCALE_PATHS = [BASE_DIR / "locale"]
 TIME_ZONE = "UTC"
