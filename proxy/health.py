@@ -144,11 +144,11 @@ def upstream_health_scrape_all(*, now: datetime | None = None) -> int:
 # --- reads for the pages ------------------------------------------------------------------
 
 def health_latest() -> list[tuple[Upstream, UpstreamHealthSample | None]]:
-    """Each enabled upstream with its newest sample (one query)."""
+    """Each enabled upstream with its newest sample (two queries)."""
     newest = UpstreamHealthSample.objects.filter(upstream=OuterRef("pk")).order_by("-taken_at", "-pk").values("pk")[:1]
     upstreams = list(Upstream.objects.filter(enabled=True).annotate(latest_id=Subquery(newest)).order_by("name"))
-    samples = {s.pk: s for s in UpstreamHealthSample.objects.filter(
-        pk__in=[u.latest_id for u in upstreams if u.latest_id])} if any(u.latest_id for u in upstreams) else {}
+    ids = [u.latest_id for u in upstreams if u.latest_id]
+    samples = {s.pk: s for s in UpstreamHealthSample.objects.filter(pk__in=ids)} if ids else {}
     return [(u, samples.get(u.latest_id)) for u in upstreams]
 
 
