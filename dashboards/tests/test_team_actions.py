@@ -315,3 +315,18 @@ def test_periods_page_offers_only_months_that_are_over_and_not_closed(admin_clie
     closable = admin_client.get("/team/periods/").context["closable"]
     assert closed.start not in closable and current_period_start(team=team) not in closable
     assert len(closable) == 11 and all(m < timezone.now().date() for m in closable)
+
+
+def test_periods_list_query_count_does_not_grow_with_periods(admin_client, team, closed, django_assert_num_queries):
+    admin_client.get("/team/periods/")
+    with django_assert_num_queries(4) as first:
+        admin_client.get("/team/periods/")
+    for months_ago in range(2, 8):
+        start = current_period_start(team=team)
+        for _i in range(months_ago):
+            start = (start - timedelta(days=1)).replace(day=1)
+        BillingPeriod.objects.create(team=team, start=start, currency="CNY")
+    with django_assert_num_queries(len(first.captured_queries)):
+        response = admin_client.get("/team/periods/")
+    assert len(response.context["periods"]) == 7
+    assert [p.invoice_count for p in response.context["periods"]][0] == 2
