@@ -105,3 +105,85 @@ def member_projection(*, member: Member, now: datetime | None = None) -> MemberP
     """The member's share and cost of this month so far, from the close's own code (billing.selectors.cost_report)."""
     report = cost_report(team=member.team, start=period_start_for(member.team.timezone, now or timezone.now()))
     return MemberProjection(report, next((r for r in report.rows if r.member_id == member.pk), None))
+
+
+# --- the team admin's month -------------------------------------------------------------
+
+def _bar(used: int, limit: int | None) -> int:
+    if limit is None:
+        return 0
+    return 100 if limit == 0 else min(100, max(0, round(used * 100 / limit)))
+
+
+@dataclass(frozen=True)
+class MemberMonthUse:
+    """A member of the team with this month's quota counter (the member's quotas before the month opens)."""
+
+    member: Member
+    requests_used: int
+    request_limit: int | None
+    tokens_used: int
+    token_limit: int | None
+
+    @property
+    def requests_left(self) -> int | None:
+        return None if self.request_limit is None else max(0, self.request_limit - self.requests_used)
+
+    @property
+    def tokens_left(self) -> int | None:
+        return None if self.token_limit is None else max(0, self.token_limit - self.tokens_used)
+
+    @property
+    def request_bar(self) -> int:
+        """Percent of the request quota used, 0..100 (a bar's width; 0 when unlimited)."""
+        return _bar(self.requests_used, self.request_limit)
+
+    @property
+    def token_bar(self) -> int:
+        return _bar(self.tokens_used, self.token_limit)
+
+    @property
+    def used_share(self) -> float | None:
+        """The larger of requests and tokens used ÷ limit (0..1+), None when both are unlimited."""
+        shares = [used / limit for used, limit in ((self.requests_used, self.request_limit),
+                                                    (self.tokens_used, self.token_limit)) if limit]
+        if not shares:
+            return 0.0 if (self.request_limit == 0 or self.token_limit == 0) else None
+        return max(shares)
+
+
+def team_members_month(*, team: Team, start: date) -> list[MemberMonthUse]:
+    """Every member of the team (suspended ones too) with the month's counter, by username (two queries)."""
+    from tenants.models import QuotaCounter
+
+    counters = {c["member_id"]: c for c in QuotaCounter.objects.filter(member__team=team, period_start=start)
+                .values("member_id", "requests_used", "request_limit", "tokens_used", "token_limit")}
+    rows = []
+    for member in Member.objects.filter(team=team).select_related("user").order_by("user__username", "pk"):
+        c = counters.get(member.pk)
+        rows.append(MemberMonthUse(member, c["requests_used"] if c else 0,
+                                   c["request_limit"] if c else member.request_quota,
+                                   c["tokens_used"] if c else 0, c["token_limit"] if c else member.token_quota))
+    return rows
+
+
+def team_month_by_member_model(*, team: Team, start: date):
+    """The month's counted usage per member × model with the member's username, in SQL (one query; the CSV)."""
+    return (UsageRecord.objects.filter(team=team, period_start=start, status__in=BILLED_STATUSES)
+            .values("member_id", "member__user__username", "model")
+            .annotate(requests=Count("id"), prompt_tokens=Sum("prompt_tokens"),
+                      completion_tokens=Sum("completion_tokens"), cached_tokens=Sum("cached_tokens"))
+            .order_by("member__user__username", "member_id", "model"))
+
+
+def team_periods(*, team: Team):
+    """The team's billing periods, newest first, each with invoice_count and invoiced (the amounts' sum)."""
+    from billing.models import BillingPeriod
+
+    return (BillingPeriod.objects.filter(team=team)
+            .annotate(invoice_count=Count("invoices"), invoiced=Sum("invoices__amount")).order_by("-start"))
+
+
+def period_invoices(*, period):
+    """A period's invoices with their members, by number then member (one query)."""
+    return period.invoices.select_related("member__user").order_by("sequence", "member__user__username", "pk")

@@ -62,6 +62,15 @@ def periods_due_to_close(*, now: datetime | None = None) -> list[tuple[int, date
     return due
 
 
+def _actor(actor_id: int | None):
+    """The user who asked for a close or finalize from a page (None: the scheduler)."""
+    if actor_id is None:
+        return None
+    from django.contrib.auth import get_user_model
+
+    return get_user_model().objects.filter(pk=actor_id).first()
+
+
 def _previous(start: date) -> date:
     return date(start.year - (start.month == 1), (start.month - 2) % 12 + 1, 1)
 
@@ -81,7 +90,7 @@ def periods_due_to_finalize(*, now: datetime | None = None) -> list[int]:
 
 
 @shared_task(acks_late=True, **RETRY)
-def period_close_task(team_id: int, period_start: str) -> None:
+def period_close_task(team_id: int, period_start: str, actor_id: int | None = None) -> None:
     """Close one team's month (billing.services.period_close). Idempotent: a closed month is left as it is.
 
     Enqueued by periods_close_due_task; a rerun or a duplicate delivery finds the period
@@ -89,7 +98,7 @@ def period_close_task(team_id: int, period_start: str) -> None:
     """
     from billing.services import period_close
 
-    period_close(team=Team.objects.get(pk=team_id), start=date.fromisoformat(period_start))
+    period_close(team=Team.objects.get(pk=team_id), start=date.fromisoformat(period_start), actor=_actor(actor_id))
 
 
 @shared_task(**RETRY)
@@ -107,7 +116,7 @@ def periods_close_due_task() -> int:
 
 
 @shared_task(acks_late=True, **RETRY)
-def period_finalize_task(period_id: int) -> None:
+def period_finalize_task(period_id: int, actor_id: int | None = None) -> None:
     """Finalize one closed period (billing.services.period_finalize), then enqueue its statements.
 
     Idempotent: a finalized period is returned unchanged (its numbers stay), so it is acked
@@ -115,7 +124,7 @@ def period_finalize_task(period_id: int) -> None:
     """
     from billing.services import period_finalize
 
-    period = period_finalize(period=BillingPeriod.objects.get(pk=period_id))
+    period = period_finalize(period=BillingPeriod.objects.get(pk=period_id), actor=_actor(actor_id))
     period_statements_send_task.delay(period.pk)
 
 

@@ -82,3 +82,32 @@ class ModelRoute(TimestampedModel):
 
     def __str__(self) -> str:
         return f"{self.model} → {self.upstream}:{self.served_name}"
+
+
+class UpstreamHealthSample(models.Model):
+    """What one scrape of an upstream's Prometheus /metrics said (proxy.health; kept 24 h).
+
+    Gauges are as read; rates are the change since the upstream's previous sample (None on
+    the first sample, after a restart of the server, or when the scrape failed). A failed
+    scrape is a row too: `ok` False and `error` says why, every figure None.
+    """
+
+    upstream = models.ForeignKey(Upstream, on_delete=models.CASCADE, related_name="health_samples")
+    taken_at = models.DateTimeField()
+    ok = models.BooleanField(default=False)
+    error = models.CharField(max_length=300, blank=True)
+    running = models.PositiveIntegerField(null=True, blank=True)
+    waiting = models.PositiveIntegerField(null=True, blank=True)
+    kv_cache_usage = models.FloatField(null=True, blank=True)  # fraction 0–1
+    # The raw counters, so the next sample can take the deltas.
+    generation_tokens_total = models.FloatField(null=True, blank=True)
+    ttft_sum = models.FloatField(null=True, blank=True)
+    ttft_count = models.FloatField(null=True, blank=True)
+    generation_tokens_per_second = models.FloatField(null=True, blank=True)
+    ttft_mean_seconds = models.FloatField(null=True, blank=True)  # requests first answered since the last sample
+
+    class Meta:
+        indexes = [models.Index(fields=["upstream", "-taken_at"], name="health_upstream_taken")]
+
+    def __str__(self) -> str:
+        return f"{self.upstream_id} @ {self.taken_at:%Y-%m-%d %H:%M:%S}"

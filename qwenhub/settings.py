@@ -159,6 +159,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": crontab(minute="*/15"),
         "options": {"expires": 14 * 60},
     },
+    # Samples each upstream's vLLM /metrics for the team page's GPU health (kept 24 h).
+    "proxy-upstream-health": {  # https://crontab.guru/#*_*_*_*_*
+        "task": "proxy.tasks.upstream_health_scrape_task",
+        "schedule": crontab(),
+        "options": {"expires": 50},
+    },
 }
 
 # Embedded, e-mails (statements, quota warnings) are written to files under data/mail
