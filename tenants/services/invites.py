@@ -6,8 +6,6 @@ tokens it is tied to the user's password hash and last login, so it stops workin
 the password is set (single use), and after settings.PASSWORD_RESET_TIMEOUT (expiring).
 """
 import logging
-from functools import partial
-
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.tokens import PasswordResetTokenGenerator
@@ -82,5 +80,9 @@ def member_invite(*, team: Team, email: str, username: str, role: str = Member.R
     audit_record(kind=AuditEvent.Kind.MEMBER_INVITED, team=team, member=member, actor=actor, subject_id=member.pk,
                  reason=reason, data={"email": email})
     inviter = (actor.get_full_name() or actor.get_username()) if actor is not None else ""
-    transaction.on_commit(partial(invite_email_send, member=member, inviter_name=inviter), robust=True)
+
+    def send_after_commit():
+        invite_email_send(member=member, inviter_name=inviter)
+
+    transaction.on_commit(send_after_commit, robust=True)
     return member
