@@ -312,3 +312,9 @@ def test_invite_mail_failure_is_logged_not_raised(admin_client, settings, django
     assert response.status_code == 302
     assert Member.objects.filter(user__username="newbie").exists()
     assert "smtp down" in caplog.text
+
+
+def test_invite_page_queries(admin_client, django_assert_num_queries):
+    # session, user, memberships (with teams)
+    with django_assert_num_queries(3):
+        assert admin_client.get("/accounts/invite/").status_code == 200

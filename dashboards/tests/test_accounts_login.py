@@ -155,3 +155,8 @@ def test_no_password_in_logs(client, alice, caplog):
         login(client, password="hunter2-secret")
     login(client)
     assert "hunter2-secret" not in caplog.text and PASSWORD not in caplog.text
+
+
+def test_login_page_queries(client, django_assert_num_queries):
+    with django_assert_num_queries(0):
+        assert client.get("/accounts/login/").status_code == 200
