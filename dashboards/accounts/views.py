@@ -6,9 +6,7 @@ from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.core.exceptions import ValidationError
 from django.shortcuts import redirect, render
-from django.utils.decorators import method_decorator
 from django.utils.translation import gettext as _
-from django.views.decorators.debug import sensitive_post_parameters
 
 from dashboards.access import team_admin_required
 from dashboards.accounts import throttle
@@ -19,9 +17,11 @@ LIMITED = 429
 
 
 class LoginView(auth_views.LoginView):
-    """Django's sign-in, refused with 429 once the account or the address has failed too often."""
+    """Django's sign-in, refused with 429 once the account or the address has failed too often.
 
-    @method_decorator(sensitive_post_parameters())
+    (Django's LoginView already hides the POSTed password from error reports.)
+    """
+
     def post(self, request, *args, **kwargs):
         username = request.POST.get("username", "")
         if throttle.login_limited(request, username):

@@ -75,6 +75,9 @@ def test_admin_invites_and_the_member_sets_a_password(new_page, live_site):
     again = new_page()
     again.goto(path)
     expect(again.locator("#invite-invalid")).to_be_visible()
+    token = path.strip("/").split("/")[-1]
+    log = live_site.process.log_text()
+    assert token not in log and "my-own-password-9" not in log and PASSWORD not in log
 
 
 def test_chinese_when_the_browser_asks_for_it(new_page):
