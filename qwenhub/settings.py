@@ -192,6 +192,15 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 STATICFILES_DIRS = [BASE_DIR / "static"]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "member:home"
+# Seconds a password-reset or invitation link stays valid (each works once): 3 days.
+PASSWORD_RESET_TIMEOUT = env.int("PASSWORD_RESET_TIMEOUT", default=3 * 24 * 3600)
+# Failed sign-ins allowed per account and per client address within the window (seconds);
+# more are refused with 429 before the password is checked (dashboards/accounts/throttle.py).
+QWENHUB_LOGIN_FAILURES_PER_ACCOUNT = env.int("QWENHUB_LOGIN_FAILURES_PER_ACCOUNT", default=5)
+QWENHUB_LOGIN_FAILURES_PER_ADDRESS = env.int("QWENHUB_LOGIN_FAILURES_PER_ADDRESS", default=20)
+QWENHUB_LOGIN_FAILURE_WINDOW = env.int("QWENHUB_LOGIN_FAILURE_WINDOW", default=15 * 60)
+# The client address is REMOTE_ADDR; only with this set is X-Forwarded-For's last entry used.
+QWENHUB_LOGIN_TRUST_X_FORWARDED_FOR = env.bool("QWENHUB_LOGIN_TRUST_X_FORWARDED_FOR", default=False)
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},

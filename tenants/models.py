@@ -152,6 +152,7 @@ class AuditEvent(models.Model):
         TEAM_UPDATED = "team_updated"
         MEMBER_ADDED = "member_added"
         MEMBER_UPDATED = "member_updated"
+        MEMBER_INVITED = "member_invited"
         KEY_ISSUED = "key_issued"
         KEY_IMPORTED = "key_imported"
         KEY_REVOKED = "key_revoked"
