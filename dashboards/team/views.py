@@ -15,7 +15,6 @@ from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.http import HttpResponseBadRequest, StreamingHttpResponse
 from django.shortcuts import redirect, render
-from django.urls import NoReverseMatch, reverse
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.views.decorators.http import require_GET, require_POST
@@ -36,13 +35,6 @@ from tenants.services import api_key_revoke, member_update
 
 TOP_MEMBERS = 7
 HISTORY_WINDOW = timedelta(hours=1)
-
-
-def _invite_url() -> str:
-    try:
-        return reverse("invite")
-    except NoReverseMatch:
-        return "/accounts/invite/"
 
 
 def _errors(exc: ValidationError) -> list[str]:
@@ -110,7 +102,6 @@ def team_home(request):
         "members": [(m, shares.get(m.member.pk)) for m in members],
         "chart": tokens_chart(team=team, start=start, until=today + timedelta(days=1), names=names),
         "health": _health_rows(latest, health_history(since=HISTORY_WINDOW, now=now), tz),
-        "invite_url": _invite_url(),
     })
 
 
