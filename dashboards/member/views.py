@@ -1,9 +1,10 @@
 """The member's own pages: this month's quota and projected cost, usage, keys, requests, invoices.
 
 Every read goes through a selector narrowed to `request.member` (dashboards.access): another
-member's key or invoice is a 404. Aggregates over usage rows (the chart, the projection) are
-cached for a minute per member or team, so a page stays fast with a busy month behind it; the
-quota bars read the live counters.
+member's key or invoice is a 404. So that the overview stays fast with a busy month behind it,
+the chart reads only today's rows live (past days and months are cached for an hour) and the
+projection of the team's month is cached for a minute per team; the quota bars read the live
+counters.
 """
 import csv
 import zoneinfo
@@ -40,6 +41,8 @@ from tenants.selectors import member_history, member_keys, member_quota_this_mon
 from tenants.services import api_key_issue, api_key_revoke
 
 AGGREGATE_CACHE_SECONDS = 60
+PAST_CACHE_SECONDS = 3600
+REVOKED_BY_OWNER = "revoked by its owner on the dashboard"  # audit data, not a page text
 CSV_CHUNK_ROWS = 2000
 CSV_COLUMNS = ("started_at", "model", "endpoint", "status", "http_status", "stream", "prompt_tokens",
                "completion_tokens", "total_tokens", "cached_tokens", "ttft_ms", "duration_ms", "key")
@@ -64,33 +67,50 @@ class Meter:
         return "full" if self.limit is not None and self.percent >= 100 else "high" if self.percent >= 80 else ""
 
 
-def _cached(key: str, compute):
+def _cached(key: str, compute, seconds: int = AGGREGATE_CACHE_SECONDS):
     value = cache.get(key)
     if value is None:
         value = compute()
-        cache.set(key, value, AGGREGATE_CACHE_SECONDS)
+        cache.set(key, value, seconds)
     return value
 
 
-def _usage_chart(member, span: int):
+def _member_days(member, today):
+    """The member's counted usage per day of this month: the days before today from the cache (an hour:
+    usage rows are append-only and a past day gets rows only from requests still running at its end),
+    today's from its own rows (the index on member, started_at), so a busy month costs a day's rows."""
+    team = member.team
+    since, until = months_back(team, 1)
+    past = (_cached(f"member-days:{member.pk}:{since}:{today}",
+                    lambda: usage_by_day(team=team, since=since, until=today, member=member), PAST_CACHE_SECONDS)
+            if since < today else [])
+    return past + usage_by_day(team=team, since=max(today, since), until=until, member=member)
+
+
+def _usage_chart(member, span: int, today):
     """The member's tokens per day of this month (span 1), else per month of the last `span` months."""
     team = member.team
     since, until = months_back(team, span)
+    this_month = months_back(team, 1)[0]
+    this_month_days = _member_days(member, today)
     if span == 1:
-        rows = _cached(f"member-days:{member.pk}:{since}",
-                       lambda: usage_by_day(team=team, since=since, until=until, member=member))
-        by_day = {r.day: r for r in rows}
-        labels, keys = [f"{d:%d}" for d in days(since, until)], days(since, until)
+        by_key = {r.day: (r.prompt_tokens, r.completion_tokens) for r in this_month_days}
+        keys = days(since, until)
+        labels = [f"{d:%d}" for d in keys]
         title = _("My tokens per day, %(month)s") % {"month": f"{since:%Y-%m}"}
     else:
-        rows = _cached(f"member-months:{member.pk}:{since}:{until}",
-                       lambda: usage_by_month(team=team, since=since, until=until, member=member))
-        by_day = {r.month: r for r in rows}
+        # Past months are closed: cached an hour. This month is the sum of its days (above).
+        past = _cached(f"member-months:{member.pk}:{since}:{this_month}",
+                       lambda: usage_by_month(team=team, since=since, until=this_month, member=member),
+                       PAST_CACHE_SECONDS)
+        by_key = {r.month: (r.prompt_tokens, r.completion_tokens) for r in past}
+        by_key[this_month] = (sum(r.prompt_tokens for r in this_month_days),
+                              sum(r.completion_tokens for r in this_month_days))
         keys = months(since, until)
         labels = [f"{m:%Y-%m}" for m in keys]
         title = _("My tokens per month, last %(n)s months") % {"n": span}
-    prompt = [by_day[k].prompt_tokens if k in by_day else 0 for k in keys]
-    completion = [by_day[k].completion_tokens if k in by_day else 0 for k in keys]
+    prompt = [by_key.get(k, (0, 0))[0] for k in keys]
+    completion = [by_key.get(k, (0, 0))[1] for k in keys]
     return bar_chart(title=title, unit=_("tokens"), labels=labels,
                      series=[Series(_("prompt"), prompt), Series(_("completion"), completion)])
 
@@ -121,7 +141,7 @@ def member_home(request):
         "meters": [Meter(_("requests"), quota.requests_used, quota.request_limit),
                    Meter(_("tokens"), quota.tokens_used, quota.token_limit)],
         "team_meter": Meter(_("team's tokens"), cap.tokens_used, cap.token_limit) if cap else None,
-        "chart": _usage_chart(member, span), "span": span, "spans": CHART_MONTHS,
+        "chart": _usage_chart(member, span, today), "span": span, "spans": CHART_MONTHS,
         "report": report, "share": share,
         "keys": list(member_keys(member=member)), "history": list(member_history(member=member)),
         "models": [m.name for m in public_models_for_member(member=member)],
@@ -163,7 +183,7 @@ def api_key_revoke_view(request, key_id: int):
     key = get_or_404(ApiKey.objects.filter(member=request.member).select_related("member__team")
                      .defer("key_hash"), pk=key_id)
     try:
-        api_key_revoke(key=key, actor=request.user, reason=_("revoked by its owner"))
+        api_key_revoke(key=key, actor=request.user, reason=REVOKED_BY_OWNER)
     except ValidationError as error:
         messages.error(request, " ".join(error.messages))
     else:

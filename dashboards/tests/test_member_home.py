@@ -1,7 +1,7 @@
 """The member's overview: quota bars, the usage chart, the projected share, the quick start, keys and history."""
 import re
 import zoneinfo
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 
 import pytest
@@ -190,9 +190,9 @@ def test_no_other_members_data_and_no_raw_key_on_the_page(client, lab):
 def test_home_query_count_does_not_grow_with_rows_keys_or_members(client, lab, django_assert_num_queries):
     team, alice, bob = lab
     client.force_login(alice.user)
-    # session, user, memberships, quota counter, team counter, chart, projection (period, policy, usage,
-    # members, counters), keys, history, models
-    with django_assert_num_queries(14):
+    # session, user, memberships, quota counter, team counter, chart (past days, today), projection
+    # (period, policy, usage, members, counters), keys, history, models
+    with django_assert_num_queries(15):
         assert client.get("/").status_code == 200
     for n in range(30):
         usage(alice, NOV, started_at=datetime(2026, 11, 1 + n % 20, 8, tzinfo=SHANGHAI))
@@ -200,8 +200,30 @@ def test_home_query_count_does_not_grow_with_rows_keys_or_members(client, lab, d
         api_key_issue(member=alice, label=f"k{n}")
     from django.core.cache import cache
     cache.clear()
-    with django_assert_num_queries(14):
+    with django_assert_num_queries(16):  # and the past months
         assert client.get("/?months=6").status_code == 200
-    # the aggregates are cached for a minute: the next view reads only the live figures
-    with django_assert_num_queries(8):
+    # the past and the projection are cached: the next view reads only the live figures and today's rows
+    with django_assert_num_queries(9):
         assert client.get("/?months=6").status_code == 200
+
+
+@time_machine.travel(NOW, tick=False)
+def test_todays_usage_shows_at_once_while_the_past_comes_from_the_cache(client, lab):
+    _, alice, _ = lab
+    client.force_login(alice.user)
+    assert client.get("/").context["chart"].series[0].values[19] == 0
+    usage(alice, NOV, prompt=123, completion=7, started_at=NOW - timedelta(hours=1))
+    chart = client.get("/").context["chart"]
+    assert (chart.series[0].values[19], chart.series[1].values[19]) == (123, 7)
+    assert sum(chart.series[0].values) == 3123  # the cached past days are still there
+    months = client.get("/?months=3").context["chart"]
+    assert [s.values[-1] for s in months.series] == [3123, 1507]
+
+
+@time_machine.travel(NOW, tick=False)
+def test_a_team_without_a_monthly_cost_says_so(client, lab):
+    team, alice, _ = lab
+    team.monthly_cost = 0
+    team.save(update_fields=["monthly_cost"])
+    client.force_login(alice.user)
+    assert "The team has no monthly cost to share." in client.get("/").content.decode()
