@@ -187,3 +187,52 @@ def team_periods(*, team: Team):
 def period_invoices(*, period):
     """A period's invoices with their members, by number then member (one query)."""
     return period.invoices.select_related("member__user").order_by("sequence", "member__user__username", "pk")
+@dataclass(frozen=True)
+class MonthUsage:
+    month: date  # the period's first day
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def usage_by_month(*, team: Team, since: date, until: date, member: Member | None = None) -> list[MonthUsage]:
+    """Counted usage per billing month [since, until) (months as billing sees them: period_start), one query."""
+    rows = UsageRecord.objects.filter(team=team, status__in=BILLED_STATUSES, period_start__gte=since,
+                                      period_start__lt=until)
+    if member is not None:
+        rows = rows.filter(member=member)
+    rows = (rows.values("period_start").annotate(requests=Count("id"), prompt=Sum("prompt_tokens"),
+                                                 completion=Sum("completion_tokens")).order_by("period_start"))
+    return [MonthUsage(r["period_start"], r["requests"], r["prompt"] or 0, r["completion"] or 0) for r in rows]
+
+
+def months(since: date, until: date) -> list[date]:
+    """The first days of the months in [since, until)."""
+    found, month = [], since.replace(day=1)
+    while month < until:
+        found.append(month)
+        month = next_period_start(month)
+    return found
+
+
+@dataclass(frozen=True)
+class TeamCap:
+    token_limit: int
+    tokens_used: int
+
+
+def team_cap_this_month(*, team: Team, now: datetime | None = None) -> TeamCap | None:
+    """The team-wide token cap of this month and its use (its counter, else Team.token_cap); None: no cap."""
+    from tenants.models import TeamQuotaCounter
+
+    start = period_start_for(team.timezone, now)
+    counter = TeamQuotaCounter.objects.filter(team=team, period_start=start).only(
+        "token_limit", "tokens_used").first()
+    limit = counter.token_limit if counter else team.token_cap
+    if limit is None:
+        return None
+    return TeamCap(limit, counter.tokens_used if counter else 0)

@@ -64,8 +64,8 @@ def public_url(path: str) -> str:
 
 
 def statement_invoice_url(*, invoice: Invoice) -> str:
-    """The invoice's page (the admin's, until members have a billing page of their own)."""
-    return public_url(reverse("admin:billing_invoice_change", args=[invoice.pk]))
+    """The member's own page of the invoice (the member dashboard's statement; reversed by name only)."""
+    return public_url(reverse("member:invoice", args=[invoice.pk]))
 
 
 def statement_period_url(*, period: BillingPeriod) -> str:

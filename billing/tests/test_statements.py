@@ -62,7 +62,8 @@ def test_a_finalized_month_reaches_every_member_and_the_admins(smtp_server):
         text, html, attachments = _parts(message)
         amount = format_money(invoice.amount, "CNY", "en_US")
         assert f"Amount due: {amount}" in text and amount in html
-        link = PUBLIC_URL + reverse("admin:billing_invoice_change", args=[invoice.pk])
+        link = PUBLIC_URL + reverse("member:invoice", args=[invoice.pk])
+        assert link == f"{PUBLIC_URL}/invoices/{invoice.pk}/"
         assert link in text and f'href="{link}"' in html
         assert period.explanation in text
         # the CSV: the member's month by day (Shanghai) and model, adding up to the invoice's usage lines
