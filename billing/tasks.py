@@ -94,7 +94,12 @@ def period_close_task(team_id: int, period_start: str) -> None:
 
 def _now(now: str | None) -> datetime | None:
     """A task's optional `now` (ISO 8601 with an offset): the clock of whoever enqueued it (a test's moved time)."""
-    return None if now is None else datetime.fromisoformat(now)
+    if now is None:
+        return None
+    moment = datetime.fromisoformat(now)
+    if moment.tzinfo is None:
+        raise ValueError(f"now must carry its UTC offset (ISO 8601), not {now!r}")
+    return moment
 
 
 @shared_task(**RETRY)

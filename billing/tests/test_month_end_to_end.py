@@ -121,6 +121,7 @@ class Worker:
         deadline = time.monotonic() + WAIT
         while (value := found()) is None:
             assert self.process.poll() is None, f"the worker died waiting for {what}:\n{self.log()[-3000:]}"
+            assert " raised unexpected" not in self.log(), f"a task failed waiting for {what}:\n{self.log()[-3000:]}"
             assert time.monotonic() < deadline, f"no {what} within {WAIT} s:\n{self.log()[-3000:]}"
             time.sleep(0.1)
         return value
@@ -331,3 +332,10 @@ def test_the_whole_month_through_a_real_worker_and_smtp_server_survives_a_killed
     assert inbox.message_ids() == ids + [interrupted.message_id]
     assert _outbox(period)[numbers[1]] == ("sent", 2)
     assert AuditEvent.objects.filter(data__action="billing.statement_resent", reason="bob never got it").count() == 1
+
+
+def test_a_due_task_refuses_a_now_without_its_offset():
+    """A naive `now` would be read in no particular zone: refused before anything is looked at."""
+    for task in (periods_close_due_task, periods_finalize_due_task):
+        with pytest.raises(ValueError, match="UTC offset"):
+            task.run(now="2026-12-01T00:05:00")
