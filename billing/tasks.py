@@ -101,15 +101,26 @@ def period_close_task(team_id: int, period_start: str, actor_id: int | None = No
     period_close(team=Team.objects.get(pk=team_id), start=date.fromisoformat(period_start), actor=_actor(actor_id))
 
 
+def _now(now: str | None) -> datetime | None:
+    """A task's optional `now` (ISO 8601 with an offset): the clock of whoever enqueued it (a test's moved time)."""
+    if now is None:
+        return None
+    moment = datetime.fromisoformat(now)
+    if moment.tzinfo is None:
+        raise ValueError(f"now must carry its UTC offset (ISO 8601), not {now!r}")
+    return moment
+
+
 @shared_task(**RETRY)
-def periods_close_due_task() -> int:
+def periods_close_due_task(now: str | None = None) -> int:
     """Hourly: enqueue period_close_task for every team-month over in its team's time zone and still open.
 
     Each team is so closed within the hour after its own midnight on the 1st, and its new
     month's quota counters are opened by the close. A rerun enqueues only what is still
-    not closed. Returns how many closes it enqueued.
+    not closed. Returns how many closes it enqueued. The beat passes no `now` (the worker's
+    clock decides); a caller may pass one to decide what is due as of then.
     """
-    due = periods_due_to_close()
+    due = periods_due_to_close(now=_now(now))
     for team_id, start in due:
         period_close_task.apply_async((team_id, start.isoformat()), expires=CLOSE_EXPIRES)
     return len(due)
@@ -142,13 +153,14 @@ def period_statements_send_task(period_id: int) -> int:
 
 
 @shared_task(**RETRY)
-def periods_finalize_due_task() -> int:
+def periods_finalize_due_task(now: str | None = None) -> int:
     """Daily: enqueue period_finalize_task for every closed period whose grace_days have passed,
     and period_statements_send_task for finalized periods with statements still pending.
 
     A rerun enqueues only periods still closed (not yet finalized). Returns how many finalizes.
+    `now` as in periods_close_due_task.
     """
-    due = periods_due_to_finalize()
+    due = periods_due_to_finalize(now=_now(now))
     for period_id in due:
         period_finalize_task.apply_async((period_id,), expires=FINALIZE_EXPIRES)
     # Statements the mail server refused last time are retried once a day.

@@ -5,28 +5,32 @@ lock on the period row, so a rerun, a retry after a crash or two processes at on
 work once; the unique constraints (one period per team-month, one invoice per member and
 period, one number per team and sequence) are the backstop.
 """
+import logging
 import time as _time
 from datetime import date, datetime
 from decimal import Decimal
 
 from django.conf import settings
+from django.core import mail
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import F, Max, Q
-from django.utils import timezone
+from django.template.loader import render_to_string
+from django.utils import timezone, translation
 
 from billing.models import BillingPeriod, Invoice
 from billing.money import minor_unit, quantize
 from billing.selectors import (
     billing_policy_for_team, current_period_start, period_is_over, period_split, policy_params,
-    policy_params_from_json, policy_params_to_json,
+    policy_params_from_json, policy_params_to_json, team_admin_addresses,
 )
 from billing.services.audit import (
     ACTUAL_COST_SET, PERIOD_CLOSED, PERIOD_FINALIZED, RESERVATIONS_RELEASED, billing_audit,
 )
 from billing.services.invoices import Draft, invoice_months, invoices_write_drafts
+from billing.services.statements import SEND_TIMEOUT_SECONDS, statement_period_url
 from billing.policies import split_cost
-from tenants.models import QuotaCounter, Team, TeamQuotaCounter
+from tenants.models import Member, QuotaCounter, Team, TeamQuotaCounter
 from tenants.periods import next_period_start, period_reset_at
 from tenants.services import quota_counters_open_for_team
 
@@ -38,6 +42,8 @@ PERIOD_FINALIZED_ALREADY = ("{team}'s {month} is finalized: its invoices are iss
 COST_INVALID = "The actual cost must be a non-negative amount in {currency}'s minor unit ({unit}), e.g. 2999.50."
 COST_REASON_REQUIRED = "Say why the cost changed (a reason for the audit trail)."
 RESERVATION_POLL_SECONDS = 0.25
+
+logger = logging.getLogger(__name__)
 
 
 def _month(start: date) -> str:
@@ -83,6 +89,38 @@ def _release_stuck_reservations(team: Team, start: date) -> list[dict]:
     return released
 
 
+def _released_report(team: Team, period: BillingPeriod, released: list[dict], bound: float) -> bool:
+    """E-mail the team's active admins what the close released; True if sent.
+
+    Sent once, by the close that moved the period to closed, after its commit: a rerun
+    finds the period closed and sends nothing. A failure (no admin address, the mail server
+    refusing) is logged and the close stands; the record stays on the period
+    (released_reservations) and in the audit trail. A process killed between the commit and
+    the send loses the e-mail rather than sending it twice.
+    """
+    to = team_admin_addresses(team=team)
+    if not to:
+        logger.warning("%s %s: %d stuck reservation(s) released, but no active admin has an e-mail address",
+                       team.slug, _month(period.start), len(released))
+        return False
+    names = dict(Member.objects.filter(pk__in=[r["member_id"] for r in released if r["member_id"]])
+                 .values_list("pk", "user__username"))
+    rows = [{"username": names.get(r["member_id"], f"#{r['member_id']}") if r["member_id"] else "",
+             "requests": r["requests"], "tokens": r["tokens"]} for r in released]
+    context = {"team": team, "start": period.start, "rows": rows, "bound": f"{bound:g}",
+               "url": statement_period_url(period=period)}
+    with translation.override(settings.LANGUAGE_CODE):
+        subject = " ".join(render_to_string("billing/email/reservations_released_subject.txt", context).split())
+        body = render_to_string("billing/email/reservations_released.txt", context)
+    try:
+        connection = mail.get_connection(timeout=getattr(settings, "EMAIL_TIMEOUT", None) or SEND_TIMEOUT_SECONDS)
+        sent = mail.EmailMessage(subject, body, settings.DEFAULT_FROM_EMAIL, to, connection=connection).send()
+    except Exception:  # noqa: BLE001 - the month is closed whatever the mail server says
+        logger.exception("%s %s: the report of released reservations was not sent", team.slug, _month(period.start))
+        return False
+    return bool(sent)
+
+
 def _open_next_month(team: Team, start: date, now: datetime) -> int:
     """Open the new month's counters (the quota reset) if the month after `start` is the current one."""
     following = next_period_start(start)
@@ -104,7 +142,8 @@ def period_close(*, team: Team, start: date, actor=None, now: datetime | None = 
     `close_period`). It first waits, outside any transaction, up to `wait_seconds`
     (QWENHUB_UPSTREAM_TIMEOUT by default: no request can stream longer) for the requests
     admitted before midnight to settle; what is still reserved then will never settle and is
-    given back and recorded (period.released_reservations and an audit event per counter).
+    given back, recorded (period.released_reservations and an audit event per counter) and,
+    after the commit, reported to the team's admins by e-mail (once: by the close that closed it).
     Then, in one transaction holding the period row: opens next month's counters, splits the
     planned cost (team.monthly_cost, rounded to the currency) with the team's policy, writes
     the drafts, and moves the status open → closed. A rerun, or a second close racing this
@@ -151,6 +190,8 @@ def period_close(*, team: Team, start: date, actor=None, now: datetime | None = 
                       data={"period": start.isoformat(), "cost": str(cost), "policy": split.policy,
                             "invoices": len(invoices), "released": len(released), "counters_opened": opened})
     period.refresh_from_db()
+    if released:
+        _released_report(team, period, released, bound)
     return period
 
 
