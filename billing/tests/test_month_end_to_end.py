@@ -308,7 +308,7 @@ def test_the_whole_month_through_a_real_worker_and_smtp_server_survives_a_killed
         text, html, attachments = _parts(message)
         amount = format_money(invoice.amount, "CNY", "en_US")
         assert f"Amount due: {amount}" in text and amount in html
-        link = PUBLIC_URL + reverse("admin:billing_invoice_change", args=[invoice.pk])
+        link = PUBLIC_URL + reverse("member:invoice", args=[invoice.pk])
         assert f"Your invoice: {link}" in text and f'href="{link}"' in html
         table = list(csv.DictReader(io.StringIO(attachments[f"usage-{invoice.number}.csv"])))
         total = sum(int(r["total_tokens"]) for r in table)
