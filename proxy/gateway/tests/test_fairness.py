@@ -350,7 +350,10 @@ class Forwarder:
         task = asyncio.current_task()
         self.handlers.add(task)
         task.add_done_callback(self.handlers.discard)
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", 6379)
+        # the forwarder stands in front of the Redis the tests read (TEST_REDIS_FAIRNESS_URL)
+        upstream = redis.connection.parse_url(URL)
+        up_reader, up_writer = await asyncio.open_connection(upstream.get("host", "127.0.0.1"),
+                                                             upstream.get("port", 6379))
         self.writers.update((writer, up_writer))
 
         async def pipe(src, dst):
