@@ -58,17 +58,21 @@ def usage_rows(*, team: Team, member: Member | None = None, since: date | None =
     return rows.only(*LIST_FIELDS).order_by("-started_at", "-id")
 
 
+class _Tokens:
+    """prompt_tokens + completion_tokens of a usage aggregate."""
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
 @dataclass(frozen=True)
-class DayUsage:
+class DayUsage(_Tokens):
     day: date
     key: object  # the member id or model name grouped by, None when not grouped
     requests: int
     prompt_tokens: int
     completion_tokens: int
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 def usage_by_day(*, team: Team, since: date, until: date, member: Member | None = None,
@@ -188,15 +192,11 @@ def period_invoices(*, period):
     """A period's invoices with their members, by number then member (one query)."""
     return period.invoices.select_related("member__user").order_by("sequence", "member__user__username", "pk")
 @dataclass(frozen=True)
-class MonthUsage:
+class MonthUsage(_Tokens):
     month: date  # the period's first day
     requests: int
     prompt_tokens: int
     completion_tokens: int
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
 
 
 def usage_by_month(*, team: Team, since: date, until: date, member: Member | None = None) -> list[MonthUsage]:
