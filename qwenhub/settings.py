@@ -159,6 +159,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": crontab(minute="*/15"),
         "options": {"expires": 14 * 60},
     },
+    # Gives back reservations whose request never settled (tenants.tasks.reservations_sweep_task).
+    "tenants-reservations-sweep": {  # https://crontab.guru/#*/5_*_*_*_*
+        "task": "tenants.tasks.reservations_sweep_task",
+        "schedule": crontab(minute="*/5"),
+        "options": {"expires": 4 * 60},
+    },
 }
 
 # Embedded, e-mails (statements, quota warnings) are written to files under data/mail
@@ -219,6 +225,9 @@ QWENHUB_ROUTES_CACHE_SECONDS = env.float("QWENHUB_ROUTES_CACHE_SECONDS", default
 # Seconds to wait for an upstream's first byte before answering 504.
 QWENHUB_UPSTREAM_TIMEOUT = env.float("QWENHUB_UPSTREAM_TIMEOUT", default=600.0)
 QWENHUB_UPSTREAM_CONNECT_TIMEOUT = env.float("QWENHUB_UPSTREAM_CONNECT_TIMEOUT", default=3.0)
+# A reservation older than the fair queue's wait + the upstream timeout + this margin (for
+# the generation after the first byte) belongs to a request that died: the sweep gives it back.
+QWENHUB_RESERVATION_MARGIN = env.float("QWENHUB_RESERVATION_MARGIN", default=1800.0)
 # Seconds between upstream /health checks run by each gateway process.
 QWENHUB_HEALTH_INTERVAL = env.float("QWENHUB_HEALTH_INTERVAL", default=5.0)
 # Fair sharing of a saturated upstream: per-member queues served in turn.
