@@ -32,17 +32,17 @@ CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 # --- HTTPS: on by default in production (DEBUG off), off in the embedded default -----------
 # QWENHUB_HTTPS=false turns all of it off at once (a site on plain HTTP in a trusted network);
 # each setting can also be set on its own. `manage.py check --deploy` is clean with the defaults.
-HTTPS = env.bool("QWENHUB_HTTPS", default=not DEBUG)
-SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=HTTPS)
-SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=HTTPS)
-CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=HTTPS)
-SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000 if HTTPS else 0)
-SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=HTTPS)
+QWENHUB_HTTPS = env.bool("QWENHUB_HTTPS", default=not DEBUG)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=QWENHUB_HTTPS)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=QWENHUB_HTTPS)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=QWENHUB_HTTPS)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000 if QWENHUB_HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=QWENHUB_HTTPS)
 # Asking browsers to preload HSTS is a commitment of the whole domain: opt in.
 SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
 # The TLS-terminating proxy in front says the original scheme in this header ("" = no proxy:
 # then uvicorn itself must serve HTTPS, or the SSL redirect loops).
-_proxy_header = env("SECURE_PROXY_SSL_HEADER", default="X-Forwarded-Proto" if HTTPS else "")
+_proxy_header = env("SECURE_PROXY_SSL_HEADER", default="X-Forwarded-Proto" if QWENHUB_HTTPS else "")
 SECURE_PROXY_SSL_HEADER = ("HTTP_" + _proxy_header.upper().replace("-", "_"), "https") if _proxy_header else None
 # Security headers on every page (SecurityMiddleware, XFrameOptionsMiddleware).
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -183,9 +183,9 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": crontab(minute="*/15"),
         "options": {"expires": 14 * 60},
     },
-    # Gives back reservations whose request never settled (tenants.tasks.reservations_sweep_task).
-    "tenants-reservations-sweep": {  # https://crontab.guru/#*/5_*_*_*_*
-        "task": "tenants.tasks.reservations_sweep_task",
+    # Gives back reservations whose request never settled (billing.tasks.reservations_sweep_task).
+    "billing-reservations-sweep": {  # https://crontab.guru/#*/5_*_*_*_*
+        "task": "billing.tasks.reservations_sweep_task",
         "schedule": crontab(minute="*/5"),
         "options": {"expires": 4 * 60},
     },

@@ -68,11 +68,17 @@ def _sweep_batch(cutoff: datetime, age: float, using: str) -> list[dict]:
             members[row["counter_id"]][1] += row["tokens"]
             if row["team_counter_id"] is not None:
                 teams[row["team_counter_id"]] += row["tokens"]
-        for counter_id, (requests, tokens) in sorted(members.items()):
+        # What the counters still hold of it: the month's close may have given it back already.
+        holding = (QuotaCounter.objects.using(using).select_for_update(no_key=True).filter(pk__in=members)
+                   .order_by("pk").values_list("pk", "requests_reserved", "tokens_reserved"))
+        for counter_id, requests_reserved, tokens_reserved in holding:
+            requests, tokens = members[counter_id]
+            members[counter_id] = [min(requests, requests_reserved), min(tokens, tokens_reserved)]
             QuotaCounter.objects.using(using).filter(pk=counter_id).update(
                 requests_reserved=Greatest(F("requests_reserved") - requests, 0),
                 tokens_reserved=Greatest(F("tokens_reserved") - tokens, 0),
-                reservations_swept=F("reservations_swept") + requests, tokens_swept=F("tokens_swept") + tokens)
+                reservations_swept=F("reservations_swept") + members[counter_id][0],
+                tokens_swept=F("tokens_swept") + members[counter_id][1])
         for team_counter_id, tokens in sorted(teams.items()):
             TeamQuotaCounter.objects.using(using).filter(pk=team_counter_id).update(
                 tokens_reserved=Greatest(F("tokens_reserved") - tokens, 0))
@@ -81,6 +87,8 @@ def _sweep_batch(cutoff: datetime, age: float, using: str) -> list[dict]:
         counters = QuotaCounter.objects.using(using).filter(pk__in=members).select_related("member__team")
         for counter in counters.order_by("pk"):
             requests, tokens = members[counter.pk]
+            if not (requests or tokens):
+                continue  # given back already (the close): nothing to report
             data = {"period": counter.period_start.isoformat(), "counter_id": counter.pk,
                     "member_id": counter.member_id, "requests": requests, "tokens": tokens}
             # audit_record's event, on the swept database

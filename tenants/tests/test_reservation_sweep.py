@@ -11,7 +11,7 @@ from django.utils import timezone
 from qwenhub.celery import app
 from tenants.models import AuditEvent, QuotaCounter, QuotaReservation
 from tenants.services.reservations import reservation_max_age, reservations_sweep
-from tenants.tasks import reservations_sweep_task
+from billing.tasks import reservations_sweep_task
 from tenants.tests.factories import QuotaCounterFactory
 
 
@@ -25,8 +25,8 @@ def _held(counter: QuotaCounter, tokens: int, age_s: float) -> QuotaReservation:
 
 
 def test_the_schedule_runs_the_sweep_every_five_minutes():
-    entry = settings.CELERY_BEAT_SCHEDULE["tenants-reservations-sweep"]
-    assert entry["task"] == "tenants.tasks.reservations_sweep_task" and entry["task"] in app.tasks
+    entry = settings.CELERY_BEAT_SCHEDULE["billing-reservations-sweep"]
+    assert entry["task"] == "billing.tasks.reservations_sweep_task" and entry["task"] in app.tasks
     assert entry["schedule"].minute == set(range(0, 60, 5))
 
 
@@ -61,9 +61,11 @@ def test_the_sweep_never_drives_a_counter_below_zero():
     counter = QuotaCounterFactory()
     _held(counter, 500, age_s=7200)
     QuotaCounter.objects.filter(pk=counter.pk).update(requests_reserved=0, tokens_reserved=0)
-    reservations_sweep()
+    assert reservations_sweep() == []  # nothing left to give back, nothing reported
     counter.refresh_from_db()
     assert (counter.requests_reserved, counter.tokens_reserved) == (0, 0)
+    assert (counter.reservations_swept, counter.tokens_swept) == (0, 0)
+    assert not QuotaReservation.objects.exists() and not AuditEvent.objects.exists()
 
 
 @pytest.mark.django_db(transaction=True)
