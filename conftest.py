@@ -1,6 +1,20 @@
 """Project-wide test fixtures: real PostgreSQL and Redis, or a clear failure."""
+import os
+
 import pytest
 from django.core.cache import cache
+
+# The suite runs with DEBUG off over the test client's plain HTTP: no redirect to HTTPS
+# (here and in the gateway processes tests start). The production default is tested in
+# qwenhub/tests/test_deploy.py, in a clean environment.
+os.environ.setdefault("SECURE_SSL_REDIRECT", "false")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _plain_http():
+    from django.conf import settings
+
+    settings.SECURE_SSL_REDIRECT = False
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from billing.models import BillingPeriod
 from billing.selectors import statement_periods_pending
 from tenants.models import Team
 from tenants.periods import next_period_start, period_start_for
+from tenants.services.reservations import reservations_sweep
 
 RETRY = {"autoretry_for": (OperationalError,), "retry_backoff": 60, "max_retries": 5}
 # A fanned-out close or finalize still queued when the next due run comes is dropped: that
@@ -180,3 +181,9 @@ def quota_warnings_task() -> int:
     from billing.services import quota_warnings_send
 
     return len(quota_warnings_send())
+
+
+@shared_task(**RETRY)
+def reservations_sweep_task() -> int:
+    """Give back stale quota reservations (tenants.services.reservations); return how many requests' worth."""
+    return sum(row["requests"] for row in reservations_sweep())

@@ -29,6 +29,30 @@ SECRET_KEY = env("SECRET_KEY", default="") or DEV_SECRET_KEY  # empty counts as 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
+# --- HTTPS: on by default in production (DEBUG off), off in the embedded default -----------
+# QWENHUB_HTTPS=false turns all of it off at once (a site on plain HTTP in a trusted network);
+# each setting can also be set on its own. `manage.py check --deploy` is clean with the defaults.
+QWENHUB_HTTPS = env.bool("QWENHUB_HTTPS", default=not DEBUG)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=QWENHUB_HTTPS)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=QWENHUB_HTTPS)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=QWENHUB_HTTPS)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31_536_000 if QWENHUB_HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=QWENHUB_HTTPS)
+# Asking browsers to preload HSTS is a commitment of the whole domain: opt in.
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+# The TLS-terminating proxy in front says the original scheme in this header ("" = no proxy:
+# then uvicorn itself must serve HTTPS, or the SSL redirect loops).
+_proxy_header = env("SECURE_PROXY_SSL_HEADER", default="X-Forwarded-Proto" if QWENHUB_HTTPS else "")
+SECURE_PROXY_SSL_HEADER = ("HTTP_" + _proxy_header.upper().replace("-", "_"), "https") if _proxy_header else None
+# Security headers on every page (SecurityMiddleware, XFrameOptionsMiddleware).
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+SECURE_CROSS_ORIGIN_OPENER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+SESSION_COOKIE_HTTPONLY = True
+# Without preload, Django's deploy check W021 (it only asks for the opt-in above) is silenced.
+SILENCED_SYSTEM_CHECKS = [] if SECURE_HSTS_PRELOAD else ["security.W021"]
+
 if not DEBUG and SECRET_KEY.startswith("django-insecure-"):
     from django.core.exceptions import ImproperlyConfigured
 
@@ -165,6 +189,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": crontab(),
         "options": {"expires": 50},
     },
+    # Gives back reservations whose request never settled (billing.tasks.reservations_sweep_task).
+    "billing-reservations-sweep": {  # https://crontab.guru/#*/5_*_*_*_*
+        "task": "billing.tasks.reservations_sweep_task",
+        "schedule": crontab(minute="*/5"),
+        "options": {"expires": 4 * 60},
+    },
 }
 
 # Embedded, e-mails (statements, quota warnings) are written to files under data/mail
@@ -240,6 +270,9 @@ QWENHUB_ROUTES_CACHE_SECONDS = env.float("QWENHUB_ROUTES_CACHE_SECONDS", default
 # Seconds to wait for an upstream's first byte before answering 504.
 QWENHUB_UPSTREAM_TIMEOUT = env.float("QWENHUB_UPSTREAM_TIMEOUT", default=600.0)
 QWENHUB_UPSTREAM_CONNECT_TIMEOUT = env.float("QWENHUB_UPSTREAM_CONNECT_TIMEOUT", default=3.0)
+# A reservation older than the fair queue's wait + the upstream timeout + this margin (for
+# the generation after the first byte) belongs to a request that died: the sweep gives it back.
+QWENHUB_RESERVATION_MARGIN = env.float("QWENHUB_RESERVATION_MARGIN", default=1800.0)
 # Seconds between upstream /health checks run by each gateway process.
 QWENHUB_HEALTH_INTERVAL = env.float("QWENHUB_HEALTH_INTERVAL", default=5.0)
 # Fair sharing of a saturated upstream: per-member queues served in turn.

@@ -107,6 +107,10 @@ class QuotaCounter(models.Model):
     requests_reserved = models.BigIntegerField(default=0)
     tokens_used = models.BigIntegerField(default=0)
     tokens_reserved = models.BigIntegerField(default=0)
+    # What the sweep gave back this period: reservations whose request never settled
+    # (its process died), with their tokens (tenants.services.reservations).
+    reservations_swept = models.BigIntegerField(db_default=0)
+    tokens_swept = models.BigIntegerField(db_default=0)
 
     class Meta:
         db_table = "billing_quotacounter"  # the table kept its name when the model moved here
@@ -142,6 +146,28 @@ class TeamQuotaCounter(models.Model):
 
     def __str__(self) -> str:
         return f"{self.team_id} {self.period_start:%Y-%m}"
+
+
+class QuotaReservation(models.Model):
+    """One request's reservation, held on its counters until the request settles.
+
+    The gateway writes it in the reservation's own statement and deletes it in the
+    settlement's (tenants.quota), so the counters' reserved columns are the sum of these
+    rows. A row older than the longest possible request belongs to a request whose
+    process died: the sweep deletes it and gives its reservation back.
+    """
+
+    counter = models.ForeignKey(QuotaCounter, on_delete=models.CASCADE, related_name="reservations")
+    team_counter = models.ForeignKey(TeamQuotaCounter, on_delete=models.CASCADE, null=True, blank=True,
+                                     related_name="reservations")
+    tokens = models.BigIntegerField()
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        db_table = "tenants_quotareservation"  # tenants.quota.RESERVATION (checked by a test)
+
+    def __str__(self) -> str:
+        return f"{self.counter_id} {self.tokens} tokens since {self.created_at:%Y-%m-%d %H:%M:%S}"
 
 
 class AuditEvent(models.Model):

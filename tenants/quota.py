@@ -13,7 +13,14 @@ here, so the rule cannot drift between the two:
 - the **statements**: the one that opens a month's counter (it reads the member's
   quotas from the member row at that instant, so a quota changed seconds before the
   month's first request is the one the month gets, whatever a cache still holds),
-  and the conditional UPDATEs that reserve, give back and settle.
+  and the conditional UPDATEs that reserve, give back and settle;
+- the **reservation rows** (tenants.models.QuotaReservation): each reservation is also a
+  row, written by the reservation's statement and deleted by the settlement's, so one
+  whose request never settled (its process died after PostgreSQL committed it) can be
+  found and given back by the sweep. A settlement releases what its row held, and only
+  if the row is still there: one arriving after the sweep (or the month's close) gave its
+  reservation back still writes its usage row and charges its usage, and no reserved
+  column goes below zero (nor requests_used above its limit: the CHECK would refuse it).
 
 Statements use `%s` placeholders (Django's cursor; the gateway numbers them for asyncpg).
 """
@@ -67,6 +74,10 @@ COUNTER = "billing_quotacounter"  # tenants.models.QuotaCounter._meta.db_table (
 TEAM_COUNTER = "billing_teamquotacounter"  # tenants.models.TeamQuotaCounter._meta.db_table
 MEMBER = "tenants_member"
 TEAM = "tenants_team"
+RESERVATION = "tenants_quotareservation"  # tenants.models.QuotaReservation._meta.db_table
+
+# How long a reservation may be held by a request still running: the longest request
+# (QWENHUB_UPSTREAM_TIMEOUT) plus QWENHUB_RESERVATION_MARGIN (settings); older ones are swept.
 
 # The one statement that opens a member's month: the limits are the member's quotas now.
 OPEN_SQL = f"""
@@ -100,17 +111,13 @@ UPDATE {COUNTER}
    AND (token_limit IS NULL OR tokens_used + tokens_reserved + %s <= token_limit)
 RETURNING id"""
 
-# Gives back a reservation that will never be settled.
+# Gives back a reservation that will never be settled (args: reservation id, counter id).
+# PostgreSQL (a data-modifying CTE); SQLite runs DELETE_RESERVATION_SQL, then settle_sql's UPDATE.
 RELEASE_SQL = f"""
-UPDATE {COUNTER} SET requests_reserved = requests_reserved - 1, tokens_reserved = tokens_reserved - %s
- WHERE id = %s"""
-
-# Settlement: release the reservation, charge what was used (args: reserved, charged requests, tokens, id).
-SETTLE_SQL = f"""
-UPDATE {COUNTER}
-   SET requests_reserved = requests_reserved - 1, tokens_reserved = tokens_reserved - %s,
-       requests_used = requests_used + %s, tokens_used = tokens_used + %s
- WHERE id = %s"""
+WITH rel AS (DELETE FROM {RESERVATION} WHERE id = %s RETURNING tokens)
+UPDATE {COUNTER} SET requests_reserved = GREATEST(requests_reserved - 1, 0),
+                     tokens_reserved = GREATEST(tokens_reserved - rel.tokens, 0)
+  FROM rel WHERE {COUNTER}.id = %s"""
 
 TEAM_OPEN_SQL = f"""
 INSERT INTO {TEAM_COUNTER} (team_id, period_start, token_limit, tokens_used, tokens_reserved)
@@ -123,11 +130,6 @@ UPDATE {TEAM_COUNTER} SET tokens_reserved = tokens_reserved + %s
    AND (token_limit IS NULL OR tokens_used + tokens_reserved + %s <= token_limit)
 RETURNING id"""
 
-TEAM_SETTLE_SQL = f"""
-UPDATE {TEAM_COUNTER}
-   SET tokens_reserved = tokens_reserved - %s, tokens_used = tokens_used + %s
- WHERE id = %s"""
-
 
 def open_args(*, member_id: int, start: date) -> list:
     return [start, member_id]
@@ -135,3 +137,63 @@ def open_args(*, member_id: int, start: date) -> list:
 
 def team_open_args(*, team_id: int, start: date) -> list:
     return [start, team_id]
+
+
+# --- reservation rows -----------------------------------------------------------------------
+# On PostgreSQL a reservation's row is written by the reservation's own UPDATE (one statement,
+# a data-modifying CTE); SQLite writes it with RECORD_RESERVATION_SQL in the same transaction.
+
+# Args: RESERVE_SQL's, then the tokens again. Returns (counter id, reservation id).
+RESERVE_RECORDED_SQL = f"""
+WITH c AS ({RESERVE_SQL})
+INSERT INTO {RESERVATION} (counter_id, team_counter_id, tokens, created_at)
+SELECT id, NULL, %s, now() FROM c RETURNING counter_id, id"""
+
+# Args: RESERVE_MANY_SQL's, then the requests' tokens (an array).
+# Returns (counter id, reservation id, tokens) per request.
+RESERVE_MANY_RECORDED_SQL = f"""
+WITH c AS ({RESERVE_MANY_SQL})
+INSERT INTO {RESERVATION} (counter_id, team_counter_id, tokens, created_at)
+SELECT c.id, NULL, t.tokens, now() FROM c, unnest(%s::bigint[]) AS t(tokens) RETURNING counter_id, id, tokens"""
+
+# Under a team cap (after the member's RESERVE_SQL, in its transaction). Args: TEAM_RESERVE_SQL's,
+# then the member's counter id and the tokens. Returns (team counter id, reservation id).
+TEAM_RESERVE_RECORDED_SQL = f"""
+WITH t AS ({TEAM_RESERVE_SQL})
+INSERT INTO {RESERVATION} (counter_id, team_counter_id, tokens, created_at)
+SELECT %s, id, %s, now() FROM t RETURNING team_counter_id, id"""
+
+# What the sweep gave back, ever (the gateway's /metrics: qwenhub_reservations_swept_total).
+SWEPT_SQL = (f"SELECT COALESCE(SUM(reservations_swept), 0), COALESCE(SUM(tokens_swept), 0) FROM {COUNTER} "
+             "WHERE reservations_swept > 0")
+
+# SQLite: args counter id, team counter id, tokens, created at.
+RECORD_RESERVATION_SQL = f"""
+INSERT INTO {RESERVATION} (counter_id, team_counter_id, tokens, created_at) VALUES (%s, %s, %s, %s)"""
+
+# SQLite: the settlement's (or give-back's) release: returns the tokens the row held, if it was still there.
+DELETE_RESERVATION_SQL = f"DELETE FROM {RESERVATION} WHERE id = %s RETURNING tokens"
+
+
+def settle_sql(*, released: str, released_tokens: str, charged: str, used: str, greatest: str = "GREATEST",
+               least: str = "LEAST") -> str:
+    """The settlement's UPDATE of a member's counter (without its WHERE), as SQL expressions.
+
+    `released`/`released_tokens`: what the settlement's reservation rows held (0 if the sweep
+    or the close gave them back first); `charged`/`used`: the requests and tokens charged.
+    Reserved columns never go below zero; requests_used never above request_limit (the
+    CHECK): a request whose reservation was swept and whose room was taken meanwhile is in
+    its usage row but not in the counter (reconcile shows it). SQLite spells GREATEST and
+    LEAST as max and min.
+    """
+    return f"""UPDATE {COUNTER}
+   SET requests_reserved = {greatest}(requests_reserved - {released}, 0),
+       tokens_reserved = {greatest}(tokens_reserved - {released_tokens}, 0),
+       requests_used = {least}(requests_used + {charged}, COALESCE(request_limit, requests_used + {charged})),
+       tokens_used = tokens_used + {used}"""
+
+
+def team_settle_sql(*, released_tokens: str, used: str, greatest: str = "GREATEST") -> str:
+    """The settlement's UPDATE of a team's cap counter (without its WHERE)."""
+    return f"""UPDATE {TEAM_COUNTER}
+   SET tokens_reserved = {greatest}(tokens_reserved - {released_tokens}, 0), tokens_used = tokens_used + {used}"""

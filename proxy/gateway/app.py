@@ -50,7 +50,7 @@ class Gateway:
             await send({"type": "http.response.body", "body": b"Forbidden\n"})
             return
         await self.router.refresh()
-        body = render(self.collector)
+        body = render(self.collector, swept=await ledger.swept())
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode())]})
         await send({"type": "http.response.body", "body": body})

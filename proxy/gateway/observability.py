@@ -1,7 +1,9 @@
 """Prometheus metrics of the gateway, served at /metrics.
 
 Scraping: `GET /metrics` with `Authorization: Bearer $QWENHUB_METRICS_TOKEN`; with
-no token configured only loopback clients may scrape. Under several uvicorn
+no token configured only loopback clients may scrape (not a request forwarded by a proxy
+on the same host). The sweep of stale reservations runs in the Celery worker: its counters
+are read from the quota counters at scrape time. Under several uvicorn
 workers set PROMETHEUS_MULTIPROC_DIR to an empty directory shared by the workers
 so that every scrape sums all of them (prometheus_client's multiprocess mode).
 """
@@ -10,7 +12,7 @@ import os
 
 from django.conf import settings
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _OVERHEAD_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -68,16 +70,39 @@ def observe(*, model: str, member: str, status: str, prompt: int, completion: in
     OVERHEAD.observe(overhead_s)
 
 
+# A request a reverse proxy forwarded comes from the proxy's address, often loopback: it is
+# not a local scraper's, so without a token it is refused.
+_FORWARDED = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
+
+
 def may_scrape(scope) -> bool:
+    """With a token, whoever presents it (loopback too); without one, local clients only."""
     token = settings.QWENHUB_METRICS_TOKEN
+    headers = dict(scope["headers"])
     if token:
-        auth = dict(scope["headers"]).get(b"authorization", b"")
+        auth = headers.get(b"authorization", b"")
         return hmac.compare_digest(auth, b"Bearer " + token.encode())
+    if any(name in headers for name in _FORWARDED):
+        return False
     client = scope.get("client") or ("", 0)
     return client[0] in ("127.0.0.1", "::1", "localhost")
 
 
-def render(gateway_collector: GatewayCollector) -> bytes:
+class SweptCollector:
+    """What the reservation sweep gave back, ever (it runs in the Celery worker; the counters hold the sums)."""
+
+    def __init__(self, swept: tuple[int, int]) -> None:
+        self.swept = swept
+
+    def collect(self):
+        requests, tokens = self.swept
+        yield CounterMetricFamily("qwenhub_reservations_swept", "Reservations given back by the sweep: their "
+                                  "request never settled (its gateway process died)", value=requests)
+        yield CounterMetricFamily("qwenhub_reservation_tokens_swept", "Tokens of the reservations given back by "
+                                  "the sweep", value=tokens)
+
+
+def render(gateway_collector: GatewayCollector, swept: tuple[int, int] | None = None) -> bytes:
     if MULTIPROCESS:
         from prometheus_client import multiprocess
 
@@ -88,4 +113,6 @@ def render(gateway_collector: GatewayCollector) -> bytes:
     output = generate_latest(registry)
     local = CollectorRegistry()
     local.register(gateway_collector)
+    if swept is not None:  # None: the database is unavailable (the rest is still served)
+        local.register(SweptCollector(swept))
     return output + generate_latest(local)

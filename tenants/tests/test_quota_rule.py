@@ -4,7 +4,7 @@ from django.db import connection
 
 from billing.models import UsageRecord
 from tenants import quota
-from tenants.models import Member, QuotaCounter, Team, TeamQuotaCounter
+from tenants.models import Member, QuotaCounter, QuotaReservation, Team, TeamQuotaCounter
 from tenants.periods import period_start_for
 from tenants.services import quota_counter_open, quota_counters_open_for_team
 from tenants.tests.factories import MemberFactory
@@ -46,6 +46,7 @@ def test_statements_name_the_models_tables():
     assert quota.COUNTER == QuotaCounter._meta.db_table
     assert quota.TEAM_COUNTER == TeamQuotaCounter._meta.db_table
     assert quota.MEMBER == Member._meta.db_table and quota.TEAM == Team._meta.db_table
+    assert quota.RESERVATION == QuotaReservation._meta.db_table
 
 
 @pytest.mark.django_db

@@ -6,6 +6,8 @@ This is the request path's whole interface to the quota counters and usage rows:
   (``QuotaExceeded``) or a 503 when the database is unavailable (``DatabaseUnavailable``);
 - ``await settle(row=..., usage=..., reservation=...)`` writes the request's one usage row
   and, with a reservation, releases it and charges the real usage (idempotent by request id);
+- ``await swept()`` → what the reservation sweep (tenants.services.reservations) gave back so
+  far, for /metrics;
 - ``await close()`` closes the process's ledger connections (at shutdown).
 
 The rule itself (worst case, what is charged, the statements) is ``tenants.quota``. The
@@ -19,14 +21,15 @@ Both implement ``base.Ledger`` and are held to one contract (tests/test_ledger_c
 """
 from django.db import connections
 
-from proxy.gateway.errors import QuotaExceeded
+from proxy.gateway.errors import ApiError, QuotaExceeded
 from proxy.gateway.keys import KeyInfo
 from proxy.gateway.ledger.base import Ledger
 from proxy.gateway.ledger.postgres import PostgresLedger
 from proxy.gateway.ledger.records import Reservation, Usage, UsageRow
 from proxy.gateway.ledger.sqlite import SqliteLedger
 
-__all__ = ["Ledger", "QuotaExceeded", "Reservation", "Usage", "UsageRow", "backend", "close", "reserve", "settle"]
+__all__ = ["Ledger", "QuotaExceeded", "Reservation", "Usage", "UsageRow", "backend", "close", "reserve", "settle",
+           "swept"]
 
 _backend: Ledger | None = None
 
@@ -47,6 +50,14 @@ async def reserve(*, key: KeyInfo, tokens: int) -> Reservation:
 async def settle(*, row: UsageRow, usage: Usage, reservation: Reservation | None = None) -> None:
     """Write the request's usage row; with a reservation, release it and charge the real usage."""
     await backend().settle(row=row, usage=usage, reservation=reservation)
+
+
+async def swept() -> tuple[int, int] | None:
+    """(requests, tokens) the reservation sweep gave back so far; None if the database is unavailable."""
+    try:
+        return await backend().swept()
+    except ApiError:
+        return None
 
 
 async def close() -> None:

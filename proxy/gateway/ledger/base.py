@@ -37,6 +37,10 @@ class Ledger(ABC):
         """Write one settlement exactly once (idempotent by request id)."""
 
     @abstractmethod
+    async def swept(self) -> tuple[int, int]:
+        """(requests, tokens) the reservation sweep gave back so far, from the counters (tenants.quota.SWEPT_SQL)."""
+
+    @abstractmethod
     async def close(self) -> None:
         """Close the back-end's connections (at shutdown, or at the end of an event loop)."""
 

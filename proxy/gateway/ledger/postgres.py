@@ -8,11 +8,16 @@ reservations go in one transaction. A member's requests that arrive while one of
 is being reserved are reserved together in the next UPDATE if all of them fit (one by one
 in arrival order if not).
 
+Each reservation is also a row (tenants.quota's reservation rows), written in the
+reservation's statement (a data-modifying CTE), so reserving is still one statement.
+
 Settlement: ONE statement — the INSERT of the usage row (unique request_id, ON CONFLICT
-DO NOTHING) feeds the counter UPDATEs in a CTE — so a retried settlement can neither
-double-charge nor leave a reservation behind. Settlements of one counter that arrive while
-one runs go together in the next statement (all their rows, the counters moved by the sums
-of the rows actually inserted).
+DO NOTHING) and the DELETE of the reservation's row feed the counter UPDATEs in a CTE — so
+a retried settlement can neither double-charge nor leave a reservation behind, and one
+whose reservation the sweep already gave back releases nothing (and charges its usage).
+Settlements of one counter that arrive while one runs go together in the next statement
+(all their rows; the counters charged for the rows actually inserted and released by the
+reservation rows actually deleted).
 
 Every statement sent is counted in RESERVE_STATEMENTS / SETTLE_STATEMENTS (a transaction's
 BEGIN and COMMIT too; one combined statement counts once).
@@ -30,27 +35,30 @@ from tenants import quota
 from tenants.periods import period_start_for
 
 # --- reservation statements ------------------------------------------------------------------
+# A reservation's row (tenants.quota's reservation rows) is written by the reservation's own
+# statement, a data-modifying CTE: still one statement per reservation.
 
-_RESERVE, _OPEN = numbered(quota.RESERVE_SQL), numbered(quota.OPEN_SQL)
-_RESERVE_MANY, _RELEASE = numbered(quota.RESERVE_MANY_SQL), numbered(quota.RELEASE_SQL)
-_TEAM_RESERVE, _TEAM_OPEN = numbered(quota.TEAM_RESERVE_SQL), numbered(quota.TEAM_OPEN_SQL)
+_RESERVE, _OPEN = numbered(quota.RESERVE_RECORDED_SQL), numbered(quota.OPEN_SQL)
+_RESERVE_MEMBER = numbered(quota.RESERVE_SQL)  # under a team cap: the team's statement writes the row
+_RESERVE_MANY, _RELEASE = numbered(quota.RESERVE_MANY_RECORDED_SQL), numbered(quota.RELEASE_SQL)
+_TEAM_RESERVE, _TEAM_OPEN = numbered(quota.TEAM_RESERVE_RECORDED_SQL), numbered(quota.TEAM_OPEN_SQL)
 
 
 class _NoRoom(Exception):
     """Rolls back a member's reservation when the team has no room."""
 
 
-async def _take(conn, reserve_sql: str, reserve_args: list, open_sql: str, open_args: list) -> int | None:
-    """Run a conditional reservation UPDATE, opening the period's row first if it is missing."""
+async def _take(conn, reserve_sql: str, reserve_args: list, open_sql: str, open_args: list):
+    """Run a conditional reservation statement, opening the period's row first if it is missing: its row, or None."""
     RESERVE_STATEMENTS.inc()
-    counter_id = await conn.fetchval(reserve_sql, *reserve_args)
-    if counter_id is not None:
-        return counter_id
+    row = await conn.fetchrow(reserve_sql, *reserve_args)
+    if row is not None:
+        return row
     # No row: either the first request of the period, or no room left.
     # (A concurrent first request may have opened it already: retry either way.)
     RESERVE_STATEMENTS.inc(2)
     await conn.execute(open_sql, *open_args)
-    return await conn.fetchval(reserve_sql, *reserve_args)
+    return await conn.fetchrow(reserve_sql, *reserve_args)
 
 
 async def _reserve(conn, key: KeyInfo, start: date, tokens: int) -> Reservation | NoRoom:
@@ -58,67 +66,79 @@ async def _reserve(conn, key: KeyInfo, start: date, tokens: int) -> Reservation 
     member_args = [tokens, key.member_id, start, tokens]
     open_args = quota.open_args(member_id=key.member_id, start=start)
     if key.team_token_cap is None:
-        counter_id = await _take(conn, _RESERVE, member_args, _OPEN, open_args)
-        if counter_id is None:
+        row = await _take(conn, _RESERVE, [*member_args, tokens], _OPEN, open_args)
+        if row is None:
             return "member"
-        return Reservation(counter_id=counter_id, period_start=start, tokens=tokens)
+        counter_id, reservation_id = row
+        return Reservation(counter_id=counter_id, period_start=start, tokens=tokens, reservation_id=reservation_id)
     RESERVE_STATEMENTS.inc(2)  # BEGIN, COMMIT/ROLLBACK
     try:
         async with conn.transaction():
-            counter_id = await _take(conn, _RESERVE, member_args, _OPEN, open_args)
-            if counter_id is None:
+            row = await _take(conn, _RESERVE_MEMBER, member_args, _OPEN, open_args)
+            if row is None:
                 return "member"
-            team_id = await _take(conn, _TEAM_RESERVE, [tokens, key.team_id, start, tokens],
-                                  _TEAM_OPEN, quota.team_open_args(team_id=key.team_id, start=start))
-            if team_id is None:
+            counter_id = row[0]
+            team = await _take(conn, _TEAM_RESERVE, [tokens, key.team_id, start, tokens, counter_id, tokens],
+                               _TEAM_OPEN, quota.team_open_args(team_id=key.team_id, start=start))
+            if team is None:
                 raise _NoRoom  # the member's reservation goes too
-            return Reservation(counter_id=counter_id, period_start=start, tokens=tokens, team_counter_id=team_id)
+            team_id, reservation_id = team
+            return Reservation(counter_id=counter_id, period_start=start, tokens=tokens, team_counter_id=team_id,
+                               reservation_id=reservation_id)
     except _NoRoom:
         return "team"
 
 
-async def _reserve_many(conn, member_id: int, start: date, count: int, tokens: int) -> int | None:
-    """Reserve `count` requests and `tokens` tokens of one member at once: the counter's id, or None."""
+async def _reserve_many(conn, member_id: int, start: date, tokens: list[int]) -> list:
+    """Reserve len(tokens) requests of one member at once: (counter id, reservation id, tokens) each, or []."""
     RESERVE_STATEMENTS.inc()
-    return await conn.fetchval(_RESERVE_MANY, count, tokens, member_id, start, count, tokens)
+    count, total = len(tokens), sum(tokens)
+    return await conn.fetch(_RESERVE_MANY, count, total, member_id, start, count, total, tokens)
 
 
-async def _release(conn, counter_id: int, tokens: int) -> None:
+async def _release(conn, reservation_id: int | None, counter_id: int) -> None:
     RESERVE_STATEMENTS.inc()
-    await conn.execute(_RELEASE, tokens, counter_id)
+    await conn.execute(_RELEASE, reservation_id, counter_id)
 
 
 # --- settlement statements -------------------------------------------------------------------
+# The usage row's INSERT, the reservation row's DELETE and the counters' UPDATEs in one
+# statement: the counters release what the deleted rows held (nothing if the sweep released
+# it first) and are charged only for usage rows actually inserted (a retry charges nothing).
 
-_SETTLE_PG = f"WITH ins AS ({INSERT_USAGE_SQL} RETURNING 1) {quota.SETTLE_SQL} AND EXISTS (SELECT 1 FROM ins)"
-_SETTLE_PG_TEAM = (
-    f"WITH ins AS ({INSERT_USAGE_SQL} RETURNING 1), team AS ({quota.TEAM_SETTLE_SQL} AND EXISTS (SELECT 1 FROM ins)) "
-    f"{quota.SETTLE_SQL} AND EXISTS (SELECT 1 FROM ins)"
+_FREED = "freed AS (SELECT count(*) AS n, COALESCE(sum(tokens), 0)::bigint AS tokens FROM rel)"
+_MOVED = "(freed.n > 0 OR d.n > 0)"
+_MEMBER_UPDATE = (quota.settle_sql(released="freed.n", released_tokens="freed.tokens", charged="d.charged",
+                                   used="d.used") + f" FROM freed, d WHERE {quota.COUNTER}.id = %s AND {_MOVED}")
+_TEAM_UPDATE = (quota.team_settle_sql(released_tokens="freed.tokens", used="d.used")
+                + f" FROM freed, d WHERE {quota.TEAM_COUNTER}.id = %s AND {_MOVED}")
+
+_ONE = (
+    f"WITH ins AS ({INSERT_USAGE_SQL} RETURNING 1), "
+    f"rel AS (DELETE FROM {quota.RESERVATION} WHERE id = %s RETURNING tokens), {_FREED}, "
+    "d AS (SELECT count(*) AS n, (count(*) * %s)::bigint AS charged, (count(*) * %s)::bigint AS used FROM ins)"
 )
+_SETTLE_PG = f"{_ONE} {_MEMBER_UPDATE}"
+_SETTLE_PG_TEAM = f"{_ONE}, team AS ({_TEAM_UPDATE}) {_MEMBER_UPDATE}"
 
 # Many requests of one counter: the usage rows come as arrays (one per column, then the
-# reserved tokens and charged requests); only the rows actually inserted move the counters.
+# reservation ids and charged requests); only the rows actually inserted are charged.
 _TYPES = ("text", "bigint", "bigint", "bigint", "date", "text", "text", "text", "bigint", "bigint", "bigint", "bigint",
           "text", "integer", "boolean", "timestamptz", "double precision", "double precision", "bigint", "integer")
 _ROWS = (
     "rows AS (SELECT * FROM unnest(" + ", ".join(f"%s::{t}[]" for t in _TYPES) + f") AS r({', '.join(USAGE_COLUMNS)}, "
-    "reserved, charged)), "
+    "reservation_id, charged)), "
     f"ins AS (INSERT INTO {USAGE_TABLE} ({', '.join(USAGE_COLUMNS)}) SELECT {', '.join(USAGE_COLUMNS)} FROM rows "
     "ON CONFLICT (request_id) DO NOTHING RETURNING request_id), "
-    "d AS (SELECT count(*) AS n, sum(reserved)::bigint AS reserved, sum(charged)::bigint AS charged, "
-    "sum(total_tokens)::bigint AS used FROM rows JOIN ins USING (request_id))"
+    f"rel AS (DELETE FROM {quota.RESERVATION} WHERE id IN (SELECT reservation_id FROM rows) RETURNING tokens), "
+    f"{_FREED}, "
+    "d AS (SELECT count(*) AS n, COALESCE(sum(charged), 0)::bigint AS charged, "
+    "COALESCE(sum(total_tokens), 0)::bigint AS used "
+    # (one row per request id: a settlement submitted twice in one batch is charged once)
+    "FROM (SELECT DISTINCT ON (request_id) * FROM rows) AS once JOIN ins USING (request_id))"
 )
-_SETTLE_MANY = f"""
-UPDATE {quota.COUNTER}
-   SET requests_reserved = requests_reserved - d.n, tokens_reserved = tokens_reserved - d.reserved,
-       requests_used = requests_used + d.charged, tokens_used = tokens_used + d.used
-  FROM d WHERE id = %s AND d.n > 0"""
-_SETTLE_MANY_PG = f"WITH {_ROWS} {_SETTLE_MANY}"
-_SETTLE_MANY_PG_TEAM = (
-    f"WITH {_ROWS}, team AS (UPDATE {quota.TEAM_COUNTER} "
-    "SET tokens_reserved = tokens_reserved - d.reserved, tokens_used = tokens_used + d.used "
-    f"FROM d WHERE id = %s AND d.n > 0) {_SETTLE_MANY}"
-)
+_SETTLE_MANY_PG = f"WITH {_ROWS} {_MEMBER_UPDATE}"
+_SETTLE_MANY_PG_TEAM = f"WITH {_ROWS}, team AS ({_TEAM_UPDATE}) {_MEMBER_UPDATE}"
 
 _ASYNC = {sql: numbered(sql) for sql in (INSERT_USAGE_SQL, _SETTLE_PG, _SETTLE_PG_TEAM, _SETTLE_MANY_PG,
                                          _SETTLE_MANY_PG_TEAM)}
@@ -128,20 +148,26 @@ def _statement(s: Settlement) -> tuple[str, list]:
     """The one statement that settles one request."""
     if s.counter_id is None:
         return INSERT_USAGE_SQL, [*s.values]
-    member_args = [s.reserved_tokens, s.charged_requests, s.total_tokens, s.counter_id]  # quota.SETTLE_SQL's
+    released_charged_used = [s.reservation_id, s.charged_requests, s.total_tokens]
     if s.team_counter_id is None:
-        return _SETTLE_PG, [*s.values, *member_args]
-    team_args = [s.reserved_tokens, s.total_tokens, s.team_counter_id]  # quota.TEAM_SETTLE_SQL's
-    return _SETTLE_PG_TEAM, [*s.values, *team_args, *member_args]
+        return _SETTLE_PG, [*s.values, *released_charged_used, s.counter_id]
+    return _SETTLE_PG_TEAM, [*s.values, *released_charged_used, s.team_counter_id, s.counter_id]
 
 
 def _combined_statement(counter_id: int, team_counter_id: int | None, batch: list[Settlement]) -> tuple[str, list]:
     """The one statement that settles many requests of one counter (and team counter)."""
     arrays = [list(column) for column in zip(*(s.values for s in batch), strict=True)]
-    arrays += [[s.reserved_tokens for s in batch], [s.charged_requests for s in batch]]
+    arrays += [[s.reservation_id for s in batch], [s.charged_requests for s in batch]]
     if team_counter_id is None:
         return _SETTLE_MANY_PG, [*arrays, counter_id]
     return _SETTLE_MANY_PG_TEAM, [*arrays, team_counter_id, counter_id]
+
+
+async def _fetch_swept(conn):
+    return await conn.fetchrow(_SWEPT)
+
+
+_SWEPT = quota.SWEPT_SQL
 
 
 async def _execute(conn, sql: str, args: list) -> None:
@@ -185,16 +211,24 @@ class PostgresLedger(Ledger):
     async def _reserve_batch(self, counter: tuple[int, date], items: list[tuple[KeyInfo, int]]) -> list:
         """Reserve a member's queued requests together if they all fit, else one by one in arrival order."""
         member_id, start = counter
-        counter_id = await self.pool.run(_reserve_many, member_id, start, len(items),
-                                         sum(tokens for _, tokens in items))
-        if counter_id is not None:
-            return [Reservation(counter_id=counter_id, period_start=start, tokens=tokens) for _, tokens in items]
+        rows = await self.pool.run(_reserve_many, member_id, start, [tokens for _, tokens in items])
+        if rows:
+            # The rows come back in no promised order: any row of the same size is the request's.
+            by_size: dict[int, list] = {}
+            for counter_id, reservation_id, tokens in rows:
+                by_size.setdefault(tokens, []).append((counter_id, reservation_id))
+            reservations = []
+            for _, tokens in items:
+                counter_id, reservation_id = by_size[tokens].pop()
+                reservations.append(Reservation(counter_id=counter_id, period_start=start, tokens=tokens,
+                                                reservation_id=reservation_id))
+            return reservations
         return [await self.pool.run(_reserve, key, start, tokens) for key, tokens in items]
 
     async def _give_back(self, counter: tuple[int, date], item: tuple[KeyInfo, int], result) -> None:
         """A combined reservation whose request was cancelled while it waited: release it."""
         if isinstance(result, Reservation):
-            await self.pool.run(_release, result.counter_id, result.tokens)
+            await self.pool.run(_release, result.reservation_id, result.counter_id)
 
     async def record(self, settlement: Settlement) -> None:
         if settlement.counter_id is None:
@@ -217,6 +251,10 @@ class PostgresLedger(Ledger):
         """Settle a counter's queued requests in one statement."""
         await self._run_settlement(*_combined_statement(*counters, batch))
         return [None] * len(batch)
+
+    async def swept(self) -> tuple[int, int]:
+        row = await self.pool.run(_fetch_swept)
+        return int(row[0]), int(row[1])
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -88,6 +88,7 @@ class Reservation:
     period_start: date
     tokens: int
     team_counter_id: int | None = None
+    reservation_id: int | None = None  # its row in tenants_quotareservation (tenants.quota)
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +101,10 @@ class Settlement:
     values: tuple  # the usage row's column values, in USAGE_COLUMNS order
     total_tokens: int  # charged to the counters
     charged_requests: int  # 1 if the request counts against the request quota (tenants.quota)
-    reserved_tokens: int = 0  # released from the counters
+    reserved_tokens: int = 0  # held on the counters (what is released is what the reservation's row holds)
     counter_id: int | None = None
     team_counter_id: int | None = None
+    reservation_id: int | None = None  # deleted by the settlement; gone = released already (the sweep)
 
     @classmethod
     def of(cls, row: UsageRow, usage: Usage, reservation: Reservation | None = None) -> "Settlement":
@@ -111,4 +113,4 @@ class Settlement:
             return cls(values=row.values(usage), total_tokens=usage.total_tokens, charged_requests=charged)
         return cls(values=row.values(usage), total_tokens=usage.total_tokens, charged_requests=charged,
                    reserved_tokens=reservation.tokens, counter_id=reservation.counter_id,
-                   team_counter_id=reservation.team_counter_id)
+                   team_counter_id=reservation.team_counter_id, reservation_id=reservation.reservation_id)

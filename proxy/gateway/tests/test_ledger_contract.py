@@ -16,6 +16,7 @@ database (asyncpg, so data is committed: ``transaction=True``) and ``SqliteLedge
 import asyncio
 import itertools
 from dataclasses import dataclass
+from datetime import timedelta
 from types import SimpleNamespace
 from unittest import mock
 
@@ -31,7 +32,9 @@ from proxy.gateway.keys import KeyInfo
 from proxy.gateway.ledger import Ledger, QuotaExceeded, Reservation, Usage, UsageRow
 from proxy.gateway.ledger.postgres import PostgresLedger
 from proxy.gateway.ledger.sqlite import SqliteLedger
-from tenants.models import ApiKey, Member, QuotaCounter, Team, TeamQuotaCounter
+from proxy.gateway.observability import RESERVE_STATEMENTS, SETTLE_STATEMENTS
+from tenants.models import ApiKey, AuditEvent, Member, QuotaCounter, QuotaReservation, Team, TeamQuotaCounter
+from tenants.services.reservations import reservations_sweep
 
 EMBEDDED = "embedded"
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", EMBEDDED])
@@ -291,3 +294,159 @@ def test_a_settled_rows_time_reads_back_and_filters_like_the_orms(world):
     assert rows.get().started_at == row.started_at
     assert rows.filter(started_at__gte=row.started_at, started_at__lte=row.started_at).count() == 1
     assert rows.filter(started_at__lt=row.started_at).count() == 0
+
+
+# --- reservation rows, the sweep, late settlements ----------------------------------------------
+
+def _reservations(world: World, key: KeyInfo):
+    return QuotaReservation.objects.using(world.using).filter(counter__member_id=key.member_id)
+
+
+def _age_reservations(world: World, key: KeyInfo, seconds: float) -> None:
+    """Pretend the member's reservations were made `seconds` ago (their requests died since)."""
+    _reservations(world, key).update(created_at=timezone.now() - timedelta(seconds=seconds))
+
+
+def _sweep(world: World) -> list[dict]:
+    return reservations_sweep(max_age=60, using=world.using)
+
+
+def _call(world: World, fn):
+    """Run `await fn()` (a ledger call) on its own event loop; the ORM runs between such calls."""
+    return world.run(fn)
+
+
+def test_each_reservation_is_a_row_until_its_settlement(world):
+    key = world.member(token_quota=10_000, token_cap=50_000)
+    first = _call(world, lambda: world.ledger.reserve(key=key, tokens=500))
+    second = _call(world, lambda: world.ledger.reserve(key=key, tokens=300))
+    held = list(_reservations(world, key).order_by("pk").values_list("pk", "tokens", "team_counter_id"))
+    _call(world, lambda: world.ledger.settle(row=_row(key, first, "req-1"), usage=Usage(prompt_tokens=3),
+                                             reservation=first))
+    team_counter_id = world.team_counter(key).pk
+    assert held == [(first.reservation_id, 500, team_counter_id), (second.reservation_id, 300, team_counter_id)]
+    assert list(_reservations(world, key).values_list("pk", flat=True)) == [second.reservation_id]
+    counter = world.counter(key)
+    assert (counter.requests_reserved, counter.tokens_reserved) == (1, 300)
+
+
+def test_a_burst_of_reservations_is_one_row_each_and_the_rows_sum_to_the_counter(world):
+    key = world.member(token_quota=100_000)
+
+    async def main():
+        return await asyncio.gather(*(world.ledger.reserve(key=key, tokens=10 + i % 3) for i in range(15)))
+
+    reservations = world.run(main)
+    rows = dict(_reservations(world, key).values_list("pk", "tokens"))
+    assert len({r.reservation_id for r in reservations}) == 15 == len(rows)
+    assert all(rows[r.reservation_id] == r.tokens for r in reservations)  # each request holds its own row
+    counter = world.counter(key)
+    assert (counter.requests_reserved, counter.tokens_reserved) == (15, sum(rows.values()))
+
+
+def test_the_sweep_gives_back_only_stale_reservations_and_counts_them(world):
+    dead, alive = world.member(token_quota=1000, token_cap=5000), world.member(token_quota=1000)
+    _call(world, lambda: world.ledger.reserve(key=dead, tokens=400))
+    _call(world, lambda: world.ledger.reserve(key=dead, tokens=500))
+    _age_reservations(world, dead, 120)  # their gateway process died two minutes ago
+    live = _call(world, lambda: world.ledger.reserve(key=alive, tokens=300))  # a request still running
+    swept, again = _sweep(world), _sweep(world)
+    with pytest.raises(QuotaExceeded):
+        _call(world, lambda: world.ledger.reserve(key=alive, tokens=800))  # the live reservation holds its room
+    _call(world, lambda: world.ledger.reserve(key=dead, tokens=1000))  # the dead ones' room is back
+    totals = _call(world, world.ledger.swept)
+
+    counter = world.counter(dead)
+    assert [(s["member_id"], s["requests"], s["tokens"]) for s in swept] == [(dead.member_id, 2, 900)]
+    assert again == []  # run twice, given back once
+    assert (counter.reservations_swept, counter.tokens_swept) == (2, 900)
+    assert (counter.requests_reserved, counter.tokens_reserved) == (1, 1000)  # only the new reservation
+    assert world.team_counter(dead).tokens_reserved == 1000
+    assert world.counter(alive).tokens_reserved == 300 and _reservations(world, alive).get().pk == live.reservation_id
+    assert totals == (2, 900)
+    event = AuditEvent.objects.using(world.using).get(kind=AuditEvent.Kind.RESERVATIONS_RELEASED)
+    assert (event.member_id, event.subject_id, event.data["tokens"]) == (dead.member_id, counter.pk, 900)
+
+
+def test_a_settlement_after_the_sweep_writes_its_row_and_charges_without_going_negative(world):
+    key = world.member(token_quota=10_000, token_cap=50_000)
+    late = _call(world, lambda: world.ledger.reserve(key=key, tokens=500))
+    _age_reservations(world, key, 120)
+    _sweep(world)  # a request slower than the bound: its reservation is given back while it runs
+    other = _call(world, lambda: world.ledger.reserve(key=key, tokens=200))  # another request in flight meanwhile
+    _call(world, lambda: world.ledger.settle(row=_row(key, late, "req-late"),
+                                             usage=Usage(prompt_tokens=30, completion_tokens=20), reservation=late))
+
+    assert world.rows(key).get().request_id == "req-late"
+    counter, team = world.counter(key), world.team_counter(key)
+    # charged its usage; released nothing (the other request's reservation stays whole)
+    assert (counter.requests_used, counter.tokens_used, counter.requests_reserved, counter.tokens_reserved) == (
+        1, 50, 1, 200)
+    assert (team.tokens_used, team.tokens_reserved) == (50, 200)
+    assert list(_reservations(world, key).values_list("pk", flat=True)) == [other.reservation_id]
+
+
+def test_a_settlement_after_the_months_close_released_everything_does_not_go_negative(world):
+    key = world.member(request_quota=1, token_quota=1000)
+    late = _call(world, lambda: world.ledger.reserve(key=key, tokens=500))
+    # the close gives back what is still reserved (by the counter's columns, not the rows),
+    # and the room is taken by a request charged first
+    QuotaCounter.objects.using(world.using).filter(member_id=key.member_id).update(
+        requests_reserved=0, tokens_reserved=0, requests_used=1)
+    _call(world, lambda: world.ledger.settle(row=_row(key, late, "req-late"), usage=Usage(prompt_tokens=7),
+                                             reservation=late))
+
+    assert world.rows(key).get().total_tokens == 7  # the usage row is not lost
+    counter = world.counter(key)
+    # reserved stays at 0, the CHECK on requests_used <= request_limit holds (the row says the rest)
+    assert (counter.requests_reserved, counter.tokens_reserved, counter.requests_used, counter.tokens_used) == (
+        0, 0, 1, 7)
+
+
+def test_a_combined_settlement_after_the_sweep_releases_only_what_is_still_held():
+    world = World(PostgresLedger(), "default")
+    key = world.member(token_quota=100_000)
+    swept = _call(world, lambda: world.ledger.reserve(key=key, tokens=100))
+    held = _call(world, lambda: world.ledger.reserve(key=key, tokens=50))
+    QuotaReservation.objects.filter(pk=swept.reservation_id).update(created_at=timezone.now() - timedelta(hours=1))
+    _sweep(world)
+
+    async def main():  # settled together (one combined statement), one of them twice
+        await asyncio.gather(*(world.ledger.settle(row=_row(key, r, f"req-{r.reservation_id}"),
+                                                  usage=Usage(prompt_tokens=5), reservation=r)
+                               for r in [swept, held, held, swept]))
+
+    world.run(main)
+    counter = world.counter(key)
+    assert world.rows(key).count() == 2
+    assert (counter.requests_used, counter.tokens_used, counter.requests_reserved, counter.tokens_reserved) == (
+        2, 10, 0, 0)
+    assert not _reservations(world, key).exists()
+
+
+def test_reserving_and_settling_stay_one_statement_each_on_postgres():
+    world = World(PostgresLedger(), "default")
+    key, capped = world.member(token_quota=1000), world.member(token_cap=1000)
+
+    def statements():
+        return RESERVE_STATEMENTS._value.get(), SETTLE_STATEMENTS._value.get()
+
+    async def one_request(k, request_id):
+        before = statements()
+        reservation = await world.ledger.reserve(key=k, tokens=10)
+        reserved = statements()
+        await world.ledger.settle(row=_row(k, reservation, request_id), usage=Usage(prompt_tokens=1),
+                                  reservation=reservation)
+        after = statements()
+        return reserved[0] - before[0], after[1] - reserved[1]
+
+    async def main():
+        await one_request(key, "req-open")  # the month's first request also opens the counter
+        plain = await one_request(key, "req-plain")
+        await one_request(capped, "req-capped-open")
+        return plain, await one_request(capped, "req-capped")
+
+    plain, capped_counts = world.run(main)
+    assert plain == (1, 1)
+    assert capped_counts == (4, 1)  # BEGIN, member, team (with the row), COMMIT — as before the rows
+    assert not QuotaReservation.objects.exists()
