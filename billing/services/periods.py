@@ -30,7 +30,7 @@ from billing.services.audit import (
 from billing.services.invoices import Draft, invoice_months, invoices_write_drafts
 from billing.services.statements import SEND_TIMEOUT_SECONDS, statement_period_url
 from billing.policies import split_cost
-from tenants.models import Member, QuotaCounter, Team, TeamQuotaCounter
+from tenants.models import Member, QuotaCounter, QuotaReservation, Team, TeamQuotaCounter
 from tenants.periods import next_period_start, period_reset_at
 from tenants.services import quota_counters_open_for_team
 
@@ -86,6 +86,9 @@ def _release_stuck_reservations(team: Team, start: date) -> list[dict]:
             tokens_reserved=F("tokens_reserved") - row["tokens_reserved"])
         released.append({"member_id": None, "team_counter_id": row["pk"], "requests": 0,
                          "tokens": row["tokens_reserved"]})
+    # Their reservation rows go too (a settlement arriving later finds none and gives back nothing),
+    # so reconcile and the sweep do not see reservations the counters no longer hold.
+    QuotaReservation.objects.filter(counter__member__team=team, counter__period_start=start).delete()
     return released
 
 

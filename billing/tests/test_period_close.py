@@ -12,7 +12,7 @@ from billing.models import BillingPeriod, Invoice, InvoiceLine
 from billing.selectors import period_reconciliation
 from billing.services import PERIOD_NOT_FIRST, PERIOD_NOT_OVER, billing_policy_update, period_close
 from billing.tests.factories import MemberJoinedFactory, usage
-from tenants.models import AuditEvent, QuotaCounter
+from tenants.models import AuditEvent, QuotaCounter, QuotaReservation
 from tenants.tests.factories import QuotaCounterFactory, TeamFactory
 
 D = Decimal
@@ -148,12 +148,15 @@ def test_a_stuck_reservation_is_waited_for_then_released_and_recorded(settings):
     settings.QWENHUB_UPSTREAM_TIMEOUT = 0.3
     team, (a, b, c) = _team_with_usage()
     counter = QuotaCounterFactory(member=a, period_start=NOV, requests_reserved=2, tokens_reserved=900)
+    for tokens in (400, 500):  # the gateway's rows of the two reservations
+        QuotaReservation.objects.create(counter=counter, tokens=tokens, created_at=AFTER_NOV)
     import time
     began = time.monotonic()
     period = period_close(team=team, start=NOV, now=AFTER_NOV)
     assert time.monotonic() - began >= 0.3
     counter.refresh_from_db()
     assert (counter.requests_reserved, counter.tokens_reserved) == (0, 0)
+    assert not QuotaReservation.objects.filter(counter=counter).exists()
     assert period.released_reservations == [
         {"member_id": a.pk, "counter_id": counter.pk, "requests": 2, "tokens": 900}]
     event = AuditEvent.objects.get(data__action="billing.reservations_released")

@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('tenants', '0005_statement_resent_kind'),
+        ('tenants', '0006_quota_reservations'),
     ]
 
     operations = [
