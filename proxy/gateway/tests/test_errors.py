@@ -26,8 +26,6 @@ def shape(exc: ApiError) -> tuple:
      errors.EMBEDDINGS_NOT_STREAMED),
     (errors.body_too_large(1024), (413, "invalid_request_error", "request_too_large", None, S.REJECTED),
      "The request body is larger than the gateway accepts (1024 bytes)."),
-    (errors.too_many_bad_keys(1500),
-     (429, "invalid_request_error", "too_many_failed_authentications", None, S.REJECTED), errors.TOO_MANY_BAD_KEYS),
     (errors.body_timeout(30.0), (408, "invalid_request_error", "request_timeout", None, S.REJECTED),
      "The request body did not arrive within 30 seconds."),
     (errors.not_found("GET", "/v1/nothing"), (404, "invalid_request_error", "not_found", None, S.REJECTED),
@@ -119,3 +117,10 @@ def test_stream_broken_event_is_an_sse_error():
     assert event.startswith(b"data: ") and event.endswith(b"\n\n")
     assert orjson.loads(event[6:]) == {"error": {"message": errors.UPSTREAM_STREAM_BROKEN.format(model="qwen"),
                                                  "type": "upstream_error", "param": None, "code": 502}}
+
+
+def test_too_many_bad_keys_says_when_to_come_back():
+    exc = errors.too_many_bad_keys(1500)
+    assert shape(exc) == (429, "invalid_request_error", "too_many_failed_authentications", None, S.REJECTED)
+    assert exc.message == errors.TOO_MANY_BAD_KEYS
+    assert dict(exc.headers) == {b"retry-after-ms": b"1500", b"retry-after": b"2"}
