@@ -8,7 +8,10 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
 from django.utils.translation import gettext_lazy as _
 from drf_spectacular.utils import OpenApiResponse
+from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers
+from rest_framework.permissions import AllowAny
+from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 
 INVALID = _("The request is invalid: see fields.")
@@ -95,3 +98,20 @@ ADMIN_ERRORS = {**MEMBER_ERRORS,
                 403: error("Signed in, but not an admin of this team."),
                 404: error("No such team (or object) among yours.")}
 OBJECT_ERRORS = {**MEMBER_ERRORS, 404: error("No such object among yours.")}
+
+
+@extend_schema(exclude=True)
+class NotFoundApi(APIView):
+    """Any other path under the API: a 404 in the API's error shape (not Django's HTML page)."""
+
+    permission_classes = [AllowAny]
+    authentication_classes = []
+    throttle_classes = []
+
+    def http_method_not_allowed(self, request, *args, **kwargs):
+        raise exceptions.NotFound()
+
+    def get(self, request, *args, **kwargs):
+        raise exceptions.NotFound()
+
+    post = put = patch = delete = get

@@ -5,10 +5,11 @@ permission-matrix test iterates over these patterns and needs a case for each.
 """
 from datetime import date
 
-from django.urls import include, path, register_converter
+from django.urls import include, path, re_path, register_converter
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from api.apis import me, teams
+from api.errors import NotFoundApi
 
 app_name = "api"
 
@@ -60,4 +61,5 @@ urlpatterns = [
     path("v1/teams/<slug:slug>/", include(team_patterns)),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
+    re_path(r"", NotFoundApi.as_view(), name="not-found"),  # the API's 404s have its error shape too
 ]

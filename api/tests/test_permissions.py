@@ -18,7 +18,7 @@ from django.urls import URLPattern, URLResolver, reverse
 from api import organization_urls, urls as api_urls
 from billing.models import Invoice
 
-PUBLIC = {"api:schema", "api:docs"}
+PUBLIC = {"api:schema", "api:docs", "api:not-found", "organization:not-found"}
 
 
 def _patterns(patterns, namespace):
