@@ -17,7 +17,7 @@ from rest_framework import serializers
 from rest_framework.response import Response
 
 from api.access import OrganizationApi
-from api.errors import ERROR_TYPES, error
+from api.errors import error
 from api.selectors import cached_tokens_by_day, team_month_costs
 from billing.money import allocate, quantize
 from billing.reports import days, usage_by_day

@@ -17,7 +17,7 @@ from api.apis.common import (
     DateRangeSerializer, DayUsageSerializer, InvoiceDetailSerializer, InvoiceSerializer, MoneySerializer,
     ReasonInputSerializer, StrictInputSerializer, invoice_detail_data,
 )
-from api.errors import ADMIN_ERRORS, error
+from api.errors import ADMIN_ERRORS
 from api.pagination import AuditPagination
 from api.selectors import team_invoices, team_period_get, team_periods, upstream_list
 from billing.models import BillingPeriod

@@ -11,7 +11,7 @@ from schemathesis.checks import (
     content_type_conformance, not_a_server_error, response_schema_conformance, status_code_conformance,
 )
 
-from api.tests.test_permissions import CASES, ROUTES
+from api.tests.test_permissions import CASES
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,6 @@ def test_schema_and_docs_are_served_without_a_cdn(client):
 
 @pytest.fixture
 def live_world(transactional_db, live_server, settings):
-    from api.tests.conftest import World  # noqa: F401  (the same shape as the `world` fixture)
     from billing.tests.factories import MemberJoinedFactory
     from tenants.models import Member
     from tenants.tests.factories import ApiKeyFactory, TeamFactory, UsageRecordFactory

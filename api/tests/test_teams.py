@@ -1,5 +1,4 @@
 """A team admin's endpoints: members (update, suspend, reactivate), usage, periods, invoices, audit trail, upstreams."""
-from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -105,7 +104,7 @@ def test_periods_list_close_queues_the_task(world, queued):
 
 
 def test_a_month_that_is_not_a_month_is_404(world):
-    response = world.client(world.admin).post(f"/api/v1/teams/lab/periods/2026-13/close/")
+    response = world.client(world.admin).post("/api/v1/teams/lab/periods/2026-13/close/")
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
 
 
