@@ -1,6 +1,6 @@
 """Serializers and helpers shared by the member's and the team admin's endpoints."""
 import zoneinfo
-from datetime import timedelta
+from datetime import date, timedelta
 
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -13,6 +13,20 @@ MAX_RANGE_DAYS = 366
 FIELD_NOT_ALLOWED = _("This field cannot be set here.")
 RANGE_INVALID = _("`until` must be after `since`.")
 RANGE_TOO_LONG = _("At most %(days)d days at a time.") % {"days": MAX_RANGE_DAYS}
+
+
+FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(2999, 12, 1)
+DAY_OUT_OF_RANGE = _("A day from %(first)s to %(last)s.") % {"first": FIRST_DAY, "last": LAST_DAY}
+
+
+class DayField(serializers.DateField):
+    """A calendar day QwenHub can hold (and shift between time zones without overflowing)."""
+
+    def to_internal_value(self, value):
+        day = super().to_internal_value(value)
+        if not FIRST_DAY <= day <= LAST_DAY:
+            raise serializers.ValidationError(DAY_OUT_OF_RANGE)
+        return day
 
 
 class StrictInputSerializer(serializers.Serializer):
@@ -34,8 +48,8 @@ class ReasonInputSerializer(StrictInputSerializer):
 class DateRangeSerializer(serializers.Serializer):
     """[since, until) in the team's calendar days."""
 
-    since = serializers.DateField(required=False, help_text="First day (team's time zone), inclusive.")
-    until = serializers.DateField(required=False, help_text="Day after the last (team's time zone), exclusive.")
+    since = DayField(required=False, help_text="First day (team's time zone), inclusive.")
+    until = DayField(required=False, help_text="Day after the last (team's time zone), exclusive.")
 
     default_days = 30
 
@@ -53,8 +67,8 @@ class DateRangeSerializer(serializers.Serializer):
 
 
 class UsageFilterSerializer(serializers.Serializer):
-    since = serializers.DateField(required=False, help_text="First day (team's time zone), inclusive.")
-    until = serializers.DateField(required=False, help_text="Day after the last (team's time zone), exclusive.")
+    since = DayField(required=False, help_text="First day (team's time zone), inclusive.")
+    until = DayField(required=False, help_text="Day after the last (team's time zone), exclusive.")
     model = serializers.CharField(required=False, max_length=200, help_text="Only this public model.")
     status = serializers.ChoiceField(choices=UsageRecord.Status.choices, required=False,
                                      help_text="Only requests that ended so.")

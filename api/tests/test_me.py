@@ -75,7 +75,7 @@ def test_usage_lists_only_mine_and_filters(world):
 
 @pytest.mark.parametrize("query", [{"since": "2026-13-01"}, {"status": "great"},
                                    {"since": "2026-05-02", "until": "2026-05-01"}, {"cursor": "%%%"},
-                                   {"page_size": "0"}, {"page_size": "1000"}])
+                                   {"page_size": "0"}, {"page_size": "1000"}, {"until": "0001-01-01"}])
 def test_usage_rejects_bad_filters(world, query):
     response = world.client(world.member).get(reverse("api:me-usage"), query)
     assert response.status_code == 400 and response.json()["error"]["fields"]
@@ -121,7 +121,8 @@ def test_usage_daily_by_model_counts_billed_usage_in_team_days(world):
 
 
 @pytest.mark.parametrize("query", [{"by": "member"}, {"since": "2020-01-01", "until": "2022-01-01"},
-                                   {"until": "2020-01-01", "since": "2020-01-01"}])
+                                   {"until": "2020-01-01", "since": "2020-01-01"}, {"since": "9999-12-31"},
+                                   {"until": "0001-01-02"}])
 def test_usage_daily_rejects(world, query):
     response = world.client(world.member).get(reverse("api:me-usage-daily"), query)
     assert response.status_code == 400
