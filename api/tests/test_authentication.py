@@ -130,3 +130,18 @@ def test_key_of_a_member_never_acts_for_their_other_team(world):
     client = world.client(world.member)
     assert client.get(ME, {"team": "other-lab"}).json()["membership"]["team"] == "lab"
     assert client.get(reverse("api:team-members", kwargs={"slug": "other-lab"})).status_code == 404
+
+
+def test_throttling_is_per_user_with_the_error_shape(world, monkeypatch):
+    from rest_framework.throttling import UserRateThrottle
+
+    monkeypatch.setattr(UserRateThrottle, "THROTTLE_RATES", {"user": "3/minute"})
+    member, other = world.client(world.member), world.client(world.other)
+    assert [member.get(ME).status_code for _ in range(3)] == [200, 200, 200]
+    limited = member.get(ME)
+    assert limited.status_code == 429 and limited.json()["error"]["type"] == "rate_limited"
+    assert int(limited["Retry-After"]) > 0
+    assert other.get(ME).status_code == 200  # another user has their own budget
+    session = APIClient()
+    session.force_login(world.member.user)
+    assert session.get(ME).status_code == 429  # the key and the session are the same user

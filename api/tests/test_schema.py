@@ -47,14 +47,15 @@ def test_schema_and_docs_are_served_without_a_cdn(client):
 # --- property-based: generated requests against a live server -----------------------------
 
 @pytest.fixture
-def live_world(transactional_db, live_server, settings):
+def live_world(transactional_db, live_server, settings, monkeypatch):
     from billing.tests.factories import MemberJoinedFactory
     from tenants.models import Member
     from tenants.tests.factories import ApiKeyFactory, TeamFactory, UsageRecordFactory
 
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK,
-                               "DEFAULT_THROTTLE_RATES": {"user": "100000/minute"}}
+    from rest_framework.throttling import UserRateThrottle
+
+    monkeypatch.setattr(UserRateThrottle, "THROTTLE_RATES", {"user": "100000/minute"})
     team = TeamFactory(slug="lab")
     admin = MemberJoinedFactory(team=team, role=Member.Role.ADMIN)
     key = ApiKeyFactory(member=admin)
