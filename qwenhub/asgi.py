@@ -1,5 +1,8 @@
 """ASGI entry point: /v1 goes to the lean gateway, everything else to Django.
 
+/v1/organization/ (OpenAI-style usage and costs, api.organization_urls) is management, not
+inference: it goes to Django.
+
 Run with `uvicorn qwenhub.asgi:application` (several --workers in production).
 """
 import os
@@ -13,12 +16,14 @@ from proxy.gateway import Gateway  # noqa: E402  (needs Django set up first)
 
 gateway = Gateway()
 
+DJANGO_V1_PREFIX = "/v1/organization/"
+
 
 async def application(scope, receive, send):
     kind = scope["type"]
     if kind == "http":
         path = scope["path"]
-        if path.startswith("/v1/") or path == "/v1":
+        if (path.startswith("/v1/") and not path.startswith(DJANGO_V1_PREFIX)) or path == "/v1":
             return await gateway(scope, receive, send)
         if path == "/metrics":
             return await gateway.metrics(scope, receive, send)

@@ -72,6 +72,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's files, served locally (no CDN)
     "tenants",
     "proxy",
     "billing",
@@ -238,9 +240,42 @@ STORAGES = {
 # Embedded mode has no collectstatic step: serve straight from the apps' folders.
 WHITENOISE_USE_FINDERS = DEBUG
 
+# The management API (/api/v1/ and /v1/organization/): a member's QwenHub key as a Bearer
+# token, or the signed-in session (with CSRF); JSON only; one error shape (api.errors).
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "api.authentication.ApiKeyAuthentication",  # first: an anonymous call gets 401 + WWW-Authenticate
+        "rest_framework.authentication.SessionAuthentication",
+    ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "api.schema.AutoSchema",
+    "EXCEPTION_HANDLER": "api.errors.exception_handler",
+    # Per signed-in user (or per key's user), counted in Django's cache (Redis in production).
+    "DEFAULT_THROTTLE_CLASSES": ["rest_framework.throttling.UserRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"user": env("QWENHUB_API_RATE", default="600/minute")},
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "QwenHub management API",
+    "DESCRIPTION": "Members' keys, usage, quotas and invoices; team admins' members, periods and audit trail; "
+                   "OpenAI-style organization usage and costs. Errors: {\"error\": {\"type\", \"message\", \"fields\"}}.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": r"/(api/v1|v1/organization)",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "UsageStatusEnum": "billing.models.UsageRecord.Status",
+        "PeriodStatusEnum": "billing.models.BillingPeriod.Status",
+        "AuditKindEnum": "tenants.models.AuditEvent.Kind",
+        "UsageResultObjectEnum": ["organization.usage.completions.result"],
+        "CostResultObjectEnum": ["organization.costs.result"],
+        "BucketObjectEnum": ["bucket"],
+        "PageObjectEnum": ["page"],
+    },
 }
 
 LOGGING = {

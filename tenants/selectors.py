@@ -75,3 +75,28 @@ def api_key_list(*, ids: Iterable[int] | None = None) -> QuerySet[ApiKey]:
     if ids is not None:
         keys = keys.filter(pk__in=ids)
     return keys
+
+
+# --- The management API ------------------------------------------------------------------
+
+def api_key_for_authentication(*, key_hash: str) -> ApiKey | None:
+    """The key with this hash, its member, user and team (one query), or None; revoked keys included."""
+    return (ApiKey.objects.select_related("member__user", "member__team").defer("key_hash")
+            .filter(key_hash=key_hash).first())
+
+
+def membership_for_user(*, user, team_slug: str) -> Member | None:
+    """The user's active membership of the team with this slug, or None."""
+    return memberships_for_user(user=user).select_related("user").filter(team__slug=team_slug).first()
+
+
+def member_key_list(*, member: Member) -> QuerySet[ApiKey]:
+    """The member's own keys, newest first (never the hash)."""
+    return ApiKey.objects.filter(member=member).defer("key_hash").select_related("member__team").order_by(
+        "-created_at", "-pk")
+
+
+def team_audit_events(*, team: Team) -> QuerySet[AuditEvent]:
+    """The team's audit trail with actor and member, newest first."""
+    return (AuditEvent.objects.filter(team=team).select_related("actor", "member__user")
+            .order_by("-created_at", "-pk"))

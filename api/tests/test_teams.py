@@ -1,0 +1,187 @@
+"""A team admin's endpoints: members (update, suspend, reactivate), usage, periods, invoices, audit trail, upstreams."""
+from decimal import Decimal
+
+import pytest
+from django.urls import reverse
+
+from billing.models import BillingPeriod, Invoice
+from tenants.models import AuditEvent, Member, QuotaCounter
+from tenants.tests.factories import ModelRouteFactory, UpstreamFactory, UsageRecordFactory
+
+
+def _url(name, world, **kwargs):
+    return reverse(name, kwargs={"slug": world.team.slug, **kwargs})
+
+
+def test_members_list_is_the_team_only(world):
+    body = world.client(world.admin).get(_url("api:team-members", world)).json()
+    assert {m["id"] for m in body} == {world.admin.pk, world.member.pk, world.other.pk}
+
+
+def test_member_update_applies_only_sent_fields_and_audits(world):
+    assert QuotaCounter.objects.get(member=world.member, period_start=world.this_month)  # opened by the close
+    url = _url("api:team-member-update", world, member_id=world.member.pk)
+    response = world.client(world.admin).post(url, {"token_quota": 5000, "weight": 3, "reason": "thesis"},
+                                              format="json")
+    assert response.status_code == 200
+    member = Member.objects.get(pk=world.member.pk)
+    assert (member.token_quota, member.weight, member.request_quota) == (5000, 3, 1000)
+    event = AuditEvent.objects.get(kind="member_updated", member=member)
+    assert event.actor == world.admin.user and event.reason == "thesis"
+    assert set(event.data["changed"]) == {"token_quota", "weight"}
+    assert QuotaCounter.objects.get(member=member, period_start=world.this_month).token_limit == 5000  # the open month follows
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"role": "admin"}, "role"), ({"team": 2}, "team"), ({"is_active": False}, "is_active"),
+    ({"weight": 0}, "weight"), ({"token_quota": -1}, "token_quota"), ({"requests_per_minute": "many"},
+                                                                       "requests_per_minute"),
+])
+def test_member_update_refuses_bad_and_forbidden_fields(world, body, field):
+    url = _url("api:team-member-update", world, member_id=world.member.pk)
+    response = world.client(world.admin).post(url, body, format="json")
+    assert response.status_code == 400 and field in response.json()["error"]["fields"]
+    member = Member.objects.get(pk=world.member.pk)
+    assert (member.role, member.weight, member.is_active) == ("member", 1, True)
+    assert not AuditEvent.objects.filter(kind="member_updated").exists()
+
+
+def test_null_means_unlimited(world):
+    url = _url("api:team-member-update", world, member_id=world.member.pk)
+    assert world.client(world.admin).post(url, {"request_quota": None}, format="json").status_code == 200
+    assert Member.objects.get(pk=world.member.pk).request_quota is None
+
+
+def test_suspend_stops_the_key_and_reactivate_restores_it(world, settings):
+    settings.QWENHUB_KEY_CACHE_SECONDS = 0.001
+    admin = world.client(world.admin)
+    response = admin.post(_url("api:team-member-suspend", world, member_id=world.member.pk),
+                          {"reason": "left the lab"}, format="json")
+    assert response.status_code == 200 and response.json()["is_active"] is False
+    assert AuditEvent.objects.get(kind="member_updated", member=world.member).reason == "left the lab"
+    from django.core.cache import cache
+    cache.clear()
+    assert world.client(world.member).get(reverse("api:me")).status_code == 401
+    again = admin.post(_url("api:team-member-suspend", world, member_id=world.member.pk), {}, format="json")
+    assert again.status_code == 400
+    back = admin.post(_url("api:team-member-reactivate", world, member_id=world.member.pk), {}, format="json")
+    assert back.status_code == 200 and back.json()["is_active"] is True
+    cache.clear()
+    assert world.client(world.member).get(reverse("api:me")).status_code == 200
+
+
+def test_an_admin_cannot_suspend_themselves(world):
+    response = world.client(world.admin).post(_url("api:team-member-suspend", world, member_id=world.admin.pk),
+                                              {}, format="json")
+    assert response.status_code == 400 and Member.objects.get(pk=world.admin.pk).is_active
+
+
+def test_team_usage_daily_by_member_counts_each_member(world):
+    day = world.this_month
+    UsageRecordFactory(member=world.member, prompt_tokens=5, completion_tokens=1)
+    UsageRecordFactory(member=world.other, prompt_tokens=7, completion_tokens=2)
+    UsageRecordFactory(member=world.member_b, prompt_tokens=100)  # another team
+    body = world.client(world.admin).get(_url("api:team-usage-daily", world),
+                                         {"by": "member", "since": day.isoformat()}).json()
+    assert {(r["username"], r["prompt_tokens"]) for r in body} == {
+        (world.member.user.username, 5), (world.other.user.username, 7)}
+    assert all(r["model"] is None for r in body)
+    assert world.client(world.admin).get(_url("api:team-usage-daily", world), {"by": "team"}).status_code == 400
+
+
+def test_periods_list_close_queues_the_task(world, queued):
+    admin = world.client(world.admin)
+    periods = admin.get(_url("api:team-periods", world)).json()
+    assert [p["month"] for p in periods] == [f"{world.closed:%Y-%m}", f"{world.finalized:%Y-%m}"]
+    response = admin.post(_url("api:team-period-close", world, month=world.open_over))
+    assert response.status_code == 202 and response.json() == {
+        "month": f"{world.open_over:%Y-%m}", "status": "open", "queued": True}
+    assert queued == [("period_close_task", (world.team.pk, world.open_over.isoformat()))]
+    done = admin.post(_url("api:team-period-close", world, month=world.closed))
+    assert done.status_code == 200 and done.json()["queued"] is False and len(queued) == 1
+    running = admin.post(_url("api:team-period-close", world, month=world.this_month))
+    assert running.status_code == 400 and "month" in running.json()["error"]["fields"] and len(queued) == 1
+
+
+def test_a_month_that_is_not_a_month_is_404(world):
+    response = world.client(world.admin).post("/api/v1/teams/lab/periods/2026-13/close/")
+    assert response.status_code == 404 and response.json()["error"]["type"] == "not_found"
+
+
+def test_finalize_numbers_invoices_audits_and_queues_statements(world, queued):
+    admin = world.client(world.admin)
+    response = admin.post(_url("api:team-period-finalize", world, month=world.closed))
+    assert response.status_code == 200 and response.json()["status"] == "finalized"
+    period = BillingPeriod.objects.get(team=world.team, start=world.closed)
+    assert not period.invoices.filter(number__isnull=True).exists()
+    assert AuditEvent.objects.filter(kind="period_finalized", subject_id=period.pk, actor=world.admin.user).exists()
+    assert queued == [("period_statements_send_task", (period.pk,))]
+    again = admin.post(_url("api:team-period-finalize", world, month=world.closed))
+    assert again.status_code == 200 and len(queued) == 1  # idempotent, nothing queued twice
+    assert admin.post(_url("api:team-period-finalize", world, month=world.open_over)).status_code == 404
+
+
+def test_actual_cost_recomputes_drafts_and_needs_a_reason(world):
+    admin = world.client(world.admin)
+    url = _url("api:team-period-actual-cost", world, month=world.closed)
+    missing = admin.post(url, {"amount": "2500.00"}, format="json")
+    assert missing.status_code == 400 and "reason" in missing.json()["error"]["fields"]
+    for bad in ("-1", "abc", "1.005"):
+        assert admin.post(url, {"amount": bad, "reason": "x"}, format="json").status_code == 400
+    response = admin.post(url, {"amount": "2500.00", "reason": "real GPU bill"}, format="json")
+    assert response.status_code == 200 and Decimal(response.json()["actual_cost"]) == Decimal("2500")
+    drafts = Invoice.objects.filter(period__team=world.team, period__start=world.closed)
+    assert sum(i.allocated for i in drafts) == Decimal("2500.00")
+    assert AuditEvent.objects.get(kind="actual_cost_set").reason == "real GPU bill"
+    finalized = admin.post(_url("api:team-period-actual-cost", world, month=world.finalized),
+                           {"amount": "1", "reason": "x"}, format="json")
+    assert finalized.status_code == 400 and "finalized" in finalized.json()["error"]["message"]
+
+
+def test_team_invoices_filter_by_month_and_detail(world):
+    admin = world.client(world.admin)
+    listed = admin.get(_url("api:team-invoices", world), {"month": f"{world.closed:%Y-%m}"}).json()
+    assert len(listed) == 3 and all(i["number"] is None for i in listed)  # drafts
+    assert admin.get(_url("api:team-invoices", world), {"month": "2026-1"}).status_code == 400
+    invoice = Invoice.objects.filter(team=world.team).first()
+    detail = admin.get(_url("api:team-invoice", world, invoice_id=invoice.pk)).json()
+    assert detail["id"] == invoice.pk and detail["lines"]
+
+
+def test_audit_events_are_the_teams_newest_first_in_pages(world):
+    admin = world.client(world.admin)
+    for n in range(5):
+        admin.post(_url("api:team-member-update", world, member_id=world.member.pk), {"weight": n + 2},
+                   format="json")
+    AuditEvent.objects.create(team=world.team_b, kind="team_updated")
+    page = admin.get(_url("api:team-audit-events", world), {"page_size": 3}).json()
+    assert len(page["results"]) == 3 and page["next"]
+    everything, url = [], _url("api:team-audit-events", world) + "?page_size=3"
+    while url:
+        body = admin.get(url).json()
+        everything += body["results"]
+        url = body["next"]
+    assert [e["id"] for e in everything] == list(
+        AuditEvent.objects.filter(team=world.team).order_by("-created_at", "-pk").values_list("pk", flat=True))
+    assert everything[0]["actor"] == world.admin.user.username
+
+
+def test_upstreams_show_enabled_and_models_never_the_vllm_key(world):
+    ModelRouteFactory(upstream=UpstreamFactory(name="gpu-a"))
+    UpstreamFactory(name="gpu-b", enabled=False)
+    body = world.client(world.admin).get(_url("api:team-upstreams", world)).json()
+    assert body == [
+        {"name": "gpu-a", "enabled": True, "max_concurrency": 64, "models": ["qwen2.5-7b-instruct"]},
+        {"name": "gpu-b", "enabled": False, "max_concurrency": 64, "models": []}]
+    assert "vllm-secret" not in str(body)
+
+
+def test_admin_pages_have_a_fixed_query_budget(world, django_assert_num_queries):
+    admin = world.client(world.admin)
+    admin.get(_url("api:team-members", world))  # warm the key cache
+    with django_assert_num_queries(1):
+        admin.get(_url("api:team-members", world))
+    with django_assert_num_queries(1):
+        admin.get(_url("api:team-invoices", world))
+    with django_assert_num_queries(1):
+        admin.get(_url("api:team-audit-events", world))
