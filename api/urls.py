@@ -39,6 +39,7 @@ me_patterns = [
 
 team_patterns = [
     path("members/", teams.MemberListApi.as_view(), name="team-members"),
+    path("members/invite/", teams.MemberInviteApi.as_view(), name="team-member-invite"),
     path("members/<int:member_id>/", teams.MemberDetailApi.as_view(), name="team-member"),
     path("members/<int:member_id>/update/", teams.MemberUpdateApi.as_view(), name="team-member-update"),
     path("members/<int:member_id>/suspend/", teams.MemberSuspendApi.as_view(), name="team-member-suspend"),

@@ -27,7 +27,7 @@ from billing.services import period_finalize, period_set_actual_cost
 from billing.tasks import period_close_task, period_statements_send_task
 from tenants.models import AuditEvent, Member
 from tenants.selectors import member_list, member_quota_this_month, team_audit_events
-from tenants.services import member_update
+from tenants.services import member_invite, member_update
 
 TEAM = ["team"]
 PERIOD_NOT_OVER = _("This month is not over yet in the team's time zone.")
@@ -65,6 +65,28 @@ class MemberListApi(TeamAdminApi):
                    responses={200: TeamMemberSerializer(many=True), **ADMIN_ERRORS})
     def get(self, request, slug: str):
         return Response(TeamMemberSerializer(member_list(team=request.team), many=True).data)
+
+
+class MemberInviteApi(TeamAdminApi):
+    class InputSerializer(StrictInputSerializer):
+        email = serializers.EmailField(max_length=254, help_text="Where the set-password link is sent.")
+        username = serializers.RegexField(r"^[\w.@+-]+\Z", max_length=150, help_text="Their sign-in name.")
+        role = serializers.ChoiceField(choices=Member.Role.choices, default=Member.Role.MEMBER, required=False)
+        request_quota = serializers.IntegerField(min_value=0, max_value=2**62, allow_null=True, required=False,
+                                                 default=None, help_text="Monthly requests; null: unlimited.")
+        token_quota = serializers.IntegerField(min_value=0, max_value=2**62, allow_null=True, required=False,
+                                               default=None, help_text="Monthly tokens; null: unlimited.")
+        reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="",
+                                       help_text="Why (kept in the audit trail).")
+
+    @extend_schema(operation_id="team_members_invite", tags=TEAM, parameters=[SLUG], request=InputSerializer,
+                   summary="Invite a person by e-mail: the membership now, their password through the mailed link",
+                   responses={201: TeamMemberSerializer, **ADMIN_ERRORS})
+    def post(self, request, slug: str):
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        member = member_invite(team=request.team, actor=request.user, **serializer.validated_data)
+        return Response(TeamMemberSerializer(member).data, status=status.HTTP_201_CREATED)
 
 
 class MemberDetailApi(TeamAdminApi):

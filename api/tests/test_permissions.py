@@ -9,6 +9,7 @@ who gets what:
     team_admin           401        403       2xx      404                  404
     organization_admin   401        403       2xx      2xx (own team)       -
 """
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -66,6 +67,8 @@ def _team_invoice(w, own):
     return Invoice.objects.filter(team=team).first().pk
 
 
+_invites = itertools.count()
+
 CASES = {
     "api:me": Case("get", 200),
     "api:me-keys": Case("get", 200),
@@ -76,6 +79,8 @@ CASES = {
     "api:me-invoices": Case("get", 200),
     "api:me-invoice": Case("get", 200, kwargs=lambda w, own: {"invoice_id": _invoice_of(w, own)}, has_object=True),
     "api:team-members": Case("get", 200, kwargs=_team),
+    "api:team-member-invite": Case("post", 201, kwargs=_team, body=lambda w: {
+        "email": f"new{next(_invites)}@example.org", "username": f"invited-{next(_invites)}"}),
     "api:team-member": Case("get", 200, kwargs=lambda w, own: {**_team(w), "member_id": _team_member(w, own)},
                             has_object=True),
     "api:team-member-update": Case("post", 200, body=lambda w: {"token_quota": 5000, "reason": "more"},

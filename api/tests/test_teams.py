@@ -18,6 +18,36 @@ def test_members_list_is_the_team_only(world):
     assert {m["id"] for m in body} == {world.admin.pk, world.member.pk, world.other.pk}
 
 
+def test_invite_makes_the_membership_and_mails_the_link(world, mailoutbox, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        response = world.client(world.admin).post(_url("api:team-member-invite", world), {
+            "email": "newcomer@example.org", "username": "newcomer", "token_quota": 50_000, "reason": "new student"},
+            format="json")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert (body["username"], body["role"], body["token_quota"], body["request_quota"]) == (
+        "newcomer", "member", 50_000, None)
+    member = Member.objects.select_related("user").get(pk=body["id"])
+    assert member.team == world.team and not member.user.has_usable_password()
+    assert AuditEvent.objects.get(kind="member_invited", member=member).actor == world.admin.user
+    [mail] = mailoutbox
+    assert mail.to == ["newcomer@example.org"] and "/accounts/invite/" in mail.body
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"email": "x@example.org", "username": "other-user"}, "username"),  # taken (world.other's? see below)
+    ({"email": "not-an-address", "username": "fresh"}, "email"),
+    ({"email": "x@example.org", "username": "fresh", "team": 2}, "team"),
+    ({"email": "x@example.org", "username": "fresh", "is_staff": True}, "is_staff"),
+])
+def test_invite_refuses_bad_taken_and_forbidden_fields(world, body, field):
+    if field == "username":
+        body = {**body, "username": world.other.user.username}
+    response = world.client(world.admin).post(_url("api:team-member-invite", world), body, format="json")
+    assert response.status_code == 400 and field in response.json()["error"]["fields"], response.content
+    assert not Member.objects.filter(user__username="fresh").exists()
+
+
 def test_member_update_applies_only_sent_fields_and_audits(world):
     assert QuotaCounter.objects.get(member=world.member, period_start=world.this_month)  # opened by the close
     url = _url("api:team-member-update", world, member_id=world.member.pk)
