@@ -31,7 +31,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 locale/%.mo: locale/%.po $(VENV)/.installed
-	$(BIN)/pybabel compile -q --use-fuzzy -i $< -o $@
+	$(BIN)/pybabel -q compile --use-fuzzy -i $< -o $@
 
 messages: $(LOCALE_MO)
 

@@ -6,6 +6,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import F, Q
+from django.utils.translation import gettext_lazy as _
 
 from qwenhub.models import TimestampedModel
 
@@ -43,8 +44,8 @@ class Team(TimestampedModel):
 
 class Member(TimestampedModel):
     class Role(models.TextChoices):
-        MEMBER = "member"
-        ADMIN = "admin"
+        MEMBER = "member", _("Member")
+        ADMIN = "admin", _("Admin")
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
     team = models.ForeignKey(Team, on_delete=models.PROTECT, related_name="members")
@@ -174,38 +175,38 @@ class AuditEvent(models.Model):
     """An append-only record of a state change: who, when, what and why."""
 
     class Kind(models.TextChoices):
-        TEAM_CREATED = "team_created"
-        TEAM_UPDATED = "team_updated"
-        MEMBER_ADDED = "member_added"
-        MEMBER_UPDATED = "member_updated"
-        MEMBER_INVITED = "member_invited"
-        KEY_ISSUED = "key_issued"
-        KEY_IMPORTED = "key_imported"
-        KEY_REVOKED = "key_revoked"
-        KEY_UPDATED = "key_updated"
-        QUOTA_TOPPED_UP = "quota_topped_up"
-        QUOTA_RESET = "quota_reset"
-        UPSTREAM_ADDED = "upstream_added"
-        UPSTREAM_UPDATED = "upstream_updated"
-        UPSTREAM_DELETED = "upstream_deleted"
-        MODEL_ADDED = "model_added"
-        MODEL_UPDATED = "model_updated"
-        MODEL_DELETED = "model_deleted"
-        ROUTE_ADDED = "route_added"
-        ROUTE_UPDATED = "route_updated"
-        ROUTE_DELETED = "route_deleted"
-        ALIAS_ADDED = "alias_added"
-        ALIAS_UPDATED = "alias_updated"
-        ALIAS_DELETED = "alias_deleted"
+        TEAM_CREATED = "team_created", _("Team Created")
+        TEAM_UPDATED = "team_updated", _("Team Updated")
+        MEMBER_ADDED = "member_added", _("Member Added")
+        MEMBER_UPDATED = "member_updated", _("Member Updated")
+        MEMBER_INVITED = "member_invited", _("Member Invited")
+        KEY_ISSUED = "key_issued", _("Key Issued")
+        KEY_IMPORTED = "key_imported", _("Key Imported")
+        KEY_REVOKED = "key_revoked", _("Key Revoked")
+        KEY_UPDATED = "key_updated", _("Key Updated")
+        QUOTA_TOPPED_UP = "quota_topped_up", _("Quota Topped Up")
+        QUOTA_RESET = "quota_reset", _("Quota Reset")
+        UPSTREAM_ADDED = "upstream_added", _("Upstream Added")
+        UPSTREAM_UPDATED = "upstream_updated", _("Upstream Updated")
+        UPSTREAM_DELETED = "upstream_deleted", _("Upstream Deleted")
+        MODEL_ADDED = "model_added", _("Model Added")
+        MODEL_UPDATED = "model_updated", _("Model Updated")
+        MODEL_DELETED = "model_deleted", _("Model Deleted")
+        ROUTE_ADDED = "route_added", _("Route Added")
+        ROUTE_UPDATED = "route_updated", _("Route Updated")
+        ROUTE_DELETED = "route_deleted", _("Route Deleted")
+        ALIAS_ADDED = "alias_added", _("Alias Added")
+        ALIAS_UPDATED = "alias_updated", _("Alias Updated")
+        ALIAS_DELETED = "alias_deleted", _("Alias Deleted")
         # Billing's events (billing/services/audit.py); the kinds live here with the trail.
-        PERIOD_CLOSED = "period_closed"
-        RESERVATIONS_RELEASED = "reservations_released"
-        ACTUAL_COST_SET = "actual_cost_set"
-        PERIOD_FINALIZED = "period_finalized"
-        INVOICE_ADJUSTED = "invoice_adjusted"
-        BILLING_POLICY_CREATED = "billing_policy_created"
-        BILLING_POLICY_UPDATED = "billing_policy_updated"
-        STATEMENT_RESENT = "statement_resent"
+        PERIOD_CLOSED = "period_closed", _("Period Closed")
+        RESERVATIONS_RELEASED = "reservations_released", _("Reservations Released")
+        ACTUAL_COST_SET = "actual_cost_set", _("Actual Cost Set")
+        PERIOD_FINALIZED = "period_finalized", _("Period Finalized")
+        INVOICE_ADJUSTED = "invoice_adjusted", _("Invoice Adjusted")
+        BILLING_POLICY_CREATED = "billing_policy_created", _("Billing Policy Created")
+        BILLING_POLICY_UPDATED = "billing_policy_updated", _("Billing Policy Updated")
+        STATEMENT_RESENT = "statement_resent", _("Statement Resent")
 
     team = models.ForeignKey(Team, on_delete=models.PROTECT, null=True, blank=True, related_name="audit_events")
     member = models.ForeignKey(Member, on_delete=models.PROTECT, null=True, blank=True, related_name="audit_events")

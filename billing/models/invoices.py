@@ -6,6 +6,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
+from django.utils.translation import gettext_lazy as _
 
 from billing import policies
 from qwenhub.models import TimestampedModel
@@ -106,9 +107,9 @@ class BillingPeriod(TimestampedModel):
     """
 
     class Status(models.TextChoices):
-        OPEN = "open"
-        CLOSED = "closed"
-        FINALIZED = "finalized"
+        OPEN = "open", _("Open")
+        CLOSED = "closed", _("Closed")
+        FINALIZED = "finalized", _("Finalized")
 
     team = models.ForeignKey("tenants.Team", on_delete=models.PROTECT, related_name="billing_periods")
     start = models.DateField()
@@ -238,10 +239,10 @@ class InvoiceLine(models.Model):
     """One part of an invoice: a model's usage, the fixed or idle part, or an adjustment."""
 
     class Kind(models.TextChoices):
-        USAGE = "usage"  # one per model used: its tokens and its part of the member's amount
-        BASE = "base"  # the part of a member without usage (fixed parts: equal, base_plus_usage)
-        IDLE = "idle"  # seed_rate: the idle capacity charged to the team's payer
-        ADJUSTMENT = "adjustment"  # a correction of an earlier month, with its reason
+        USAGE = "usage", _("Usage")  # one per model used: its tokens and its part of the member's amount
+        BASE = "base", _("Base")  # the part of a member without usage (fixed parts: equal, base_plus_usage)
+        IDLE = "idle", _("Idle")  # seed_rate: the idle capacity charged to the team's payer
+        ADJUSTMENT = "adjustment", _("Adjustment")  # a correction of an earlier month, with its reason
 
     invoice = models.ForeignKey(Invoice, on_delete=models.PROTECT, related_name="lines")
     kind = models.CharField(max_length=16, choices=Kind.choices)

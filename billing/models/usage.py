@@ -1,20 +1,21 @@
 """Usage rows: one per /v1 request, written by the gateway (append-only)."""
 from django.db import models
+from django.utils.translation import gettext_lazy as _
 
 
 class UsageRecord(models.Model):
     """One row per /v1 request, written once by the gateway (append-only)."""
 
     class Status(models.TextChoices):
-        OK = "ok"
-        CLIENT_DISCONNECTED = "client_disconnected"
+        OK = "ok", _("Ok")
+        CLIENT_DISCONNECTED = "client_disconnected", _("Client Disconnected")
         # The upstream refused the request itself (a 4xx from vLLM: bad parameters, too long):
         # the client's mistake, told apart from the server's failures below. Costs nothing.
-        CLIENT_ERROR = "client_error"
-        UPSTREAM_ERROR = "upstream_error"
-        UPSTREAM_UNAVAILABLE = "upstream_unavailable"
-        UPSTREAM_TIMEOUT = "upstream_timeout"
-        REJECTED = "rejected"
+        CLIENT_ERROR = "client_error", _("Client Error")
+        UPSTREAM_ERROR = "upstream_error", _("Upstream Error")
+        UPSTREAM_UNAVAILABLE = "upstream_unavailable", _("Upstream Unavailable")
+        UPSTREAM_TIMEOUT = "upstream_timeout", _("Upstream Timeout")
+        REJECTED = "rejected", _("Rejected")
 
     request_id = models.CharField(max_length=64, unique=True)
     team = models.ForeignKey("tenants.Team", on_delete=models.PROTECT, related_name="+")

@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core import mail
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils.translation import gettext_lazy as _
 from django.db.models import F, Max, Q
 from django.template.loader import render_to_string
 from django.utils import timezone, translation
@@ -34,13 +35,13 @@ from tenants.models import Member, QuotaCounter, QuotaReservation, Team, TeamQuo
 from tenants.periods import next_period_start, period_reset_at
 from tenants.services import quota_counters_open_for_team
 
-PERIOD_NOT_FIRST = "A billing period starts on the 1st of a month: {start} is not one."
-PERIOD_NOT_OVER = "{team}'s {month} is not over yet: it ends at {end} ({tz})."
-PERIOD_OPEN = "{team}'s {month} is still open: close it first (close_period {team} --month {month})."
-PERIOD_FINALIZED_ALREADY = ("{team}'s {month} is finalized: its invoices are issued and never change; "
+PERIOD_NOT_FIRST = _("A billing period starts on the 1st of a month: {start} is not one.")
+PERIOD_NOT_OVER = _("{team}'s {month} is not over yet: it ends at {end} ({tz}).")
+PERIOD_OPEN = _("{team}'s {month} is still open: close it first (close_period {team} --month {month}).")
+PERIOD_FINALIZED_ALREADY = _("{team}'s {month} is finalized: its invoices are issued and never change; "
                             "correct an invoice with an adjustment on a later month.")
-COST_INVALID = "The actual cost must be a non-negative amount in {currency}'s minor unit ({unit}), e.g. 2999.50."
-COST_REASON_REQUIRED = "Say why the cost changed (a reason for the audit trail)."
+COST_INVALID = _("The actual cost must be a non-negative amount in {currency}'s minor unit ({unit}), e.g. 2999.50.")
+COST_REASON_REQUIRED = _("Say why the cost changed (a reason for the audit trail).")
 RESERVATION_POLL_SECONDS = 0.25
 
 logger = logging.getLogger(__name__)

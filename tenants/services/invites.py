@@ -13,6 +13,7 @@ from django.core.exceptions import ValidationError
 from django.core.mail import EmailMultiAlternatives
 from django.core.validators import validate_email
 from django.db import transaction
+from django.utils.translation import gettext_lazy as _
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils.encoding import force_bytes
@@ -25,7 +26,7 @@ from tenants.services.teams import USER_EXISTS, member_add
 logger = logging.getLogger(__name__)
 User = get_user_model()
 
-EMAIL_EXISTS = "A user with the e-mail address {email!r} already exists."
+EMAIL_EXISTS = _("A user with the e-mail address {email!r} already exists.")
 
 
 class InviteTokenGenerator(PasswordResetTokenGenerator):

@@ -5,6 +5,7 @@ from datetime import timedelta
 
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils.translation import gettext_lazy as _
 from django.utils import timezone
 
 from tenants.keys import api_key_display_prefix, api_key_generate, api_key_hash, api_key_is_plausible
@@ -14,9 +15,9 @@ from tenants.services.audit import fields_apply, update_fields
 from tenants.services.quotas import quota_counter_charge_imported
 from tenants.services.teams import member_add
 
-KEY_UNKNOWN = "No API key with prefix {prefix!r}."
-KEY_AMBIGUOUS = "Prefix {prefix!r} matches {count} keys: give more characters."
-KEY_ALREADY_REVOKED = "Key {prefix}… is already revoked."
+KEY_UNKNOWN = _("No API key with prefix {prefix!r}.")
+KEY_AMBIGUOUS = _("Prefix {prefix!r} matches {count} keys: give more characters.")
+KEY_ALREADY_REVOKED = _("Key {prefix}… is already revoked.")
 IMPORT_NOT_OBJECT = "The import file must hold a JSON object: {\"alice\": {\"key\": \"sk-…\", \"quota\": 1000, \"used\": 0}}."
 IMPORT_ENTRY_INVALID = "Entry {name!r}: {problem}."
 IMPORT_DUPLICATE_NAME = "The name {name!r} appears more than once in the import file."

@@ -5,6 +5,7 @@ from decimal import Decimal, InvalidOperation
 from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils.translation import gettext_lazy as _
 
 from tenants.models import AuditEvent, Member, Team
 from tenants.services.audit import audit_record as _audit
@@ -15,12 +16,12 @@ User = get_user_model()
 
 TEAM_EXISTS = "A team with slug {slug!r} already exists."
 TEAM_UNKNOWN = "No team with slug {slug!r}."
-USER_EXISTS = "User {username!r} already exists."
+USER_EXISTS = _("User {username!r} already exists.")
 USER_UNKNOWN = "No member with username {username!r}."
 USER_AMBIGUOUS = "User {username!r} belongs to several teams: name one with --team."
 COST_INVALID = "Monthly cost must be a non-negative amount such as 3000 or 2999.50."
-MEMBER_EXISTS = "{user} is already a member of {team}."
-MEMBER_OTHER_TEAM = "{member} is not a member of team {team}."
+MEMBER_EXISTS = _("{user} is already a member of {team}.")
+MEMBER_OTHER_TEAM = _("{member} is not a member of team {team}.")
 
 # What team_update and member_update may change. A member's user and team are not edits:
 # moving a member (and their usage history) is a different operation.
