@@ -1,6 +1,8 @@
 """A team admin in a real browser, beside the member in another context: lowering a member's request
 quota below what they used stops their next /v1 call with 429, and they read the change on their page;
 a member is refused the team pages; no prompt text on any of the admin's pages."""
+import re
+
 import openai
 import pytest
 from playwright.sync_api import expect
@@ -64,6 +66,20 @@ def test_admin_lowers_a_quota_below_use_and_the_next_call_gets_429(new_page, liv
     change = you.locator("#history tr.event", has_text=REASON)
     expect(change).to_have_count(1)
     expect(change).to_contain_text("boss")
+
+    # the refused call is listed, newest first, and the status filter finds it alone
+    rows = you.locator("#rows tr.request")
+
+    def four_requests_listed():
+        expect(rows).to_have_count(4, timeout=500)
+
+    reload_until(you, "/requests/", four_requests_listed)
+    expect(rows.first.locator("td.bad")).to_have_text("Rejected")
+    expect(rows.nth(1).locator("td.ok")).to_have_count(1)
+    you.get_by_label("Status").select_option("rejected")
+    you.get_by_role("button", name="Filter").click()
+    expect(rows).to_have_count(1)
+    expect(you).to_have_url(re.compile(r"status=rejected"))
 
     admin.goto("/team/")
     expect(row.locator("td.num").first).to_have_text("3 / 3")
