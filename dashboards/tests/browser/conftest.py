@@ -11,6 +11,10 @@
   when the test ends, a PNG of each page's viewport (not the full page) goes to
   test-artifacts/<test>[-n].png.
 
+For /v1: `simulator` (the vLLM stand-in, one per package) and `upstream` (it, registered in
+the catalog for this test: the database is emptied after each one); `live_site.client(key)`
+is the real `openai` SDK against the live site.
+
 Data a test creates must be committed for the server to see it: use `transactional_db`
 (the `site_db` fixture does) and the services. Every test here is marked `browser`
 (`pytest -m "not browser"` leaves them out).
@@ -28,10 +32,12 @@ from dataclasses import dataclass
 from email import policy
 from pathlib import Path
 
+import openai
 import pytest
 from django.conf import global_settings
 
-from proxy.gateway.tests.conftest import ROOT, GatewayProcess
+from proxy.gateway.tests.conftest import MODEL, ROOT, SERVED, GatewayProcess
+from proxy.simulator.testing import start_simulator
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -63,6 +69,10 @@ class LiveSite:
     @property
     def url(self) -> str:
         return self.process.url
+
+    def client(self, key: str) -> openai.OpenAI:
+        """The OpenAI SDK on this site's /v1, as a member's program would use it (no retries)."""
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=20)
 
     def mails(self) -> list[email.message.EmailMessage]:
         """Every message the server has sent, oldest first."""
@@ -105,6 +115,21 @@ def live_site(django_db_setup, tmp_path_factory):
                              QWENHUB_PUBLIC_URL=LIVE_PUBLIC_URL, LOG_LEVEL="INFO")
     yield LiveSite(process=process, mail_dir=mail_dir)
     process.stop()
+
+
+@pytest.fixture(scope="package")
+def simulator():
+    with start_simulator("--model", SERVED) as handle:
+        yield handle
+
+
+@pytest.fixture
+def upstream(simulator, site_db):
+    """The simulator in the catalog, serving MODEL (the gateway reads routes uncached in tests)."""
+    from proxy.services import upstream_add
+
+    return upstream_add(name="gpu0", base_url=simulator.base_url, served_name=SERVED, public_name=MODEL,
+                        aliases=["qwen"], max_concurrency=8)
 
 
 @pytest.fixture(scope="package")
