@@ -192,8 +192,6 @@ def test_invoice_after_the_month_is_closed(new_page, live_site):
     expect(period_row.locator("td.num").nth(2)).to_have_text(total)
 
 
-# passes once locale/zh_Hans is merged: until then the interface has no Chinese to show
-@pytest.mark.xfail(strict=False, reason="passes once locale/zh_Hans is merged")
 def test_the_navigation_in_chinese(new_page):
     team = lab()
     member(team, "alice")
