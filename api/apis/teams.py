@@ -21,6 +21,7 @@ from api.errors import ADMIN_ERRORS
 from api.pagination import AuditPagination
 from api.selectors import team_invoices, team_period_get, team_periods, upstream_list
 from billing.models import BillingPeriod
+from proxy.health import health_latest
 from billing.reports import usage_by_day
 from billing.selectors import period_is_over
 from billing.services import period_finalize, period_set_actual_cost
@@ -372,18 +373,37 @@ class AuditEventListApi(TeamAdminApi):
         return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
 
 
+class HealthSampleSerializer(serializers.Serializer):
+    taken_at = serializers.DateTimeField()
+    ok = serializers.BooleanField(help_text="false: /metrics could not be read (see error).")
+    error = serializers.CharField()
+    running = serializers.IntegerField(allow_null=True, help_text="vllm:num_requests_running")
+    waiting = serializers.IntegerField(allow_null=True, help_text="vllm:num_requests_waiting")
+    kv_cache_usage = serializers.FloatField(allow_null=True, help_text="vllm:kv_cache_usage_perc, 0 to 1")
+    generation_tokens_per_second = serializers.FloatField(allow_null=True,
+                                                          help_text="Since the previous sample.")
+    ttft_mean_seconds = serializers.FloatField(allow_null=True,
+                                               help_text="Mean time to first token since the previous sample.")
+
+
 class UpstreamListApi(TeamAdminApi):
     class OutputSerializer(serializers.Serializer):
         name = serializers.CharField()
         enabled = serializers.BooleanField(help_text="false: the gateway routes nothing to it.")
         max_concurrency = serializers.IntegerField()
         models = serializers.SerializerMethodField()
+        health = HealthSampleSerializer(allow_null=True, help_text="The newest sample of its vLLM /metrics "
+                                        "(taken every minute; null: none yet or disabled).")
 
         def get_models(self, upstream) -> list[str]:
             return sorted(route.model.name for route in upstream.routes.all())
 
     @extend_schema(operation_id="team_upstreams_list", tags=TEAM, parameters=[SLUG],
-                   summary="The catalog's upstreams, whether enabled, and the models routed to them",
+                   summary="The catalog's upstreams, whether enabled, the models routed to them and their health",
                    responses={200: OutputSerializer(many=True), **ADMIN_ERRORS})
     def get(self, request, slug: str):
-        return Response(self.OutputSerializer(upstream_list(), many=True).data)
+        latest = {upstream.pk: sample for upstream, sample in health_latest()}
+        upstreams = list(upstream_list())
+        for upstream in upstreams:
+            upstream.health = latest.get(upstream.pk)
+        return Response(self.OutputSerializer(upstreams, many=True).data)

@@ -196,13 +196,26 @@ def test_audit_events_are_the_teams_newest_first_in_pages(world):
     assert everything[0]["actor"] == world.admin.user.username
 
 
-def test_upstreams_show_enabled_and_models_never_the_vllm_key(world):
-    ModelRouteFactory(upstream=UpstreamFactory(name="gpu-a"))
+def test_upstreams_show_enabled_models_and_health_never_the_vllm_key(world):
+    from django.utils import timezone
+
+    from proxy.models import UpstreamHealthSample
+
+    gpu_a = UpstreamFactory(name="gpu-a")
+    ModelRouteFactory(upstream=gpu_a)
     UpstreamFactory(name="gpu-b", enabled=False)
+    earlier = timezone.now() - timezone.timedelta(minutes=1)
+    UpstreamHealthSample.objects.create(upstream=gpu_a, taken_at=earlier, ok=False, error="connection refused")
+    UpstreamHealthSample.objects.create(upstream=gpu_a, taken_at=earlier + timezone.timedelta(minutes=1), ok=True,
+                                        running=3, waiting=1, kv_cache_usage=0.25, generation_tokens_per_second=812.5,
+                                        ttft_mean_seconds=0.12)
     body = world.client(world.admin).get(_url("api:team-upstreams", world)).json()
+    health = body[0].pop("health")
     assert body == [
         {"name": "gpu-a", "enabled": True, "max_concurrency": 64, "models": ["qwen2.5-7b-instruct"]},
-        {"name": "gpu-b", "enabled": False, "max_concurrency": 64, "models": []}]
+        {"name": "gpu-b", "enabled": False, "max_concurrency": 64, "models": [], "health": None}]
+    assert (health["ok"], health["running"], health["waiting"], health["kv_cache_usage"],
+            health["generation_tokens_per_second"], health["ttft_mean_seconds"]) == (True, 3, 1, 0.25, 812.5, 0.12)
     assert "vllm-secret" not in str(body)
 
 
