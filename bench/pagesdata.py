@@ -4,11 +4,14 @@
     python -m bench.pagesdata render '{"team": "pages-bench", "repeat": 5}'
 
 ``generate`` is the close scenario's generator (bench.closedata) pointed at the team's
-current month, the rows spread over the days so far. ``render`` signs in as the team's first
+current month, the rows spread over all its days. ``render`` looks at it as on the month's
+last day at 18:00 in the team's time zone (time-machine moves this process's clock there),
+so the rows fill the month as a busy month's would by then. It signs in as the team's first
 admin and as its heaviest member with quotas and renders the team page (/team/) and the
 member page (/) through Django's test client in this process (the HTTP server's own share is
-the gateway scenarios' business): each page once to warm up, then `repeat` times, reporting
-the median and the slowest wall time and the number of SQL statements of each render.
+the gateway scenarios' business): each page once cold (an empty cache: the month's split and
+past days are cached, dashboards.cache), then `repeat` times warm, reporting the cold time,
+the median and slowest warm times and the number of SQL statements of each render.
 """
 from __future__ import annotations
 
@@ -21,37 +24,55 @@ TEAM_SLUG = "pages-bench"
 
 
 def generate(*, members: int = 50, rows: int = 1_000_000, slug: str = TEAM_SLUG, vacuum: bool = True) -> dict:
-    from django.utils import timezone
-
     from bench import closedata
     from tenants.periods import period_start_for
 
-    start = period_start_for(closedata.TZ)
-    today = timezone.now().astimezone(__import__("zoneinfo").ZoneInfo(closedata.TZ)).date()
-    return closedata.generate(members=members, rows=rows, slug=slug, vacuum=vacuum, start=start,
-                               days=(today - start).days + 1)
+    return closedata.generate(members=members, rows=rows, slug=slug, vacuum=vacuum,
+                              start=period_start_for(closedata.TZ))
 
 
 def _timed(client, path: str, repeat: int) -> dict:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    first = client.get(path)
+    from django.core.cache import cache
+
+    cache.clear()
+    with CaptureQueriesContext(connection) as captured:
+        t0 = time.perf_counter()
+        first = client.get(path, secure=True)  # production settings redirect plain HTTP
+        cold = time.perf_counter() - t0
     if first.status_code != 200:
         raise SystemExit(f"{path} answered {first.status_code}")
+    cold_queries = len(captured.captured_queries)
     walls, queries = [], []
     for _ in range(repeat):
         with CaptureQueriesContext(connection) as captured:
             t0 = time.perf_counter()
-            response = client.get(path)
+            response = client.get(path, secure=True)
             walls.append(time.perf_counter() - t0)
         assert response.status_code == 200
         queries.append(len(captured.captured_queries))
-    return {"median_s": statistics.median(walls), "max_s": max(walls), "queries": max(queries),
-            "bytes": len(response.content)}
+    return {"cold_s": cold, "cold_queries": cold_queries, "median_s": statistics.median(walls), "max_s": max(walls),
+            "queries": max(queries), "bytes": len(response.content)}
 
 
 def render(*, slug: str = TEAM_SLUG, repeat: int = 5) -> dict:
+    import zoneinfo
+    from datetime import datetime, timedelta
+
+    import time_machine
+
+    from tenants.models import Member
+    from tenants.periods import next_period_start, period_start_for
+
+    tz = zoneinfo.ZoneInfo(Member.objects.filter(team__slug=slug).values_list("team__timezone", flat=True)[0])
+    last_day = next_period_start(period_start_for(tz.key)) - timedelta(days=1)
+    with time_machine.travel(datetime.combine(last_day, datetime.min.time(), tzinfo=tz) + timedelta(hours=18)):
+        return _render(slug, repeat)
+
+
+def _render(slug: str, repeat: int) -> dict:
     from django.conf import settings
     from django.test import Client
 

@@ -19,4 +19,5 @@ def test_tiny_month_renders_both_pages():
     out = pagesdata.render(slug="tiny-pages", repeat=2)
     for page in ("team", "member"):
         assert out[page]["queries"] > 0 and out[page]["bytes"] > 500 and out[page]["max_s"] >= out[page]["median_s"]
+        assert out[page]["cold_queries"] > out[page]["queries"]  # warm renders read the cached month
     assert out["member_username"] == "tiny-pages-003"  # the first member who is not an admin

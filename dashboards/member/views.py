@@ -14,7 +14,6 @@ from itertools import islice
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib import messages
-from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.handlers.asgi import ASGIRequest
 from django.db.models import Q
@@ -28,10 +27,11 @@ from django.views.decorators.http import require_GET, require_POST
 
 from billing.models import Invoice
 from billing.reports import (
-    days, member_projection, months, months_back, team_cap_this_month, usage_by_day, usage_by_month, usage_rows,
+    days, months, months_back, team_cap_this_month, usage_by_month, usage_rows,
 )
 from billing.selectors import invoice_detail
 from dashboards.access import SESSION_KEY, get_or_404, member_required
+from dashboards.cache import PAST_DAYS_SECONDS, cached, month_report, usage_days
 from dashboards.charts import Series, bar_chart
 from dashboards.member.forms import CHART_MONTHS, PAGE_SIZE, ApiKeyCreateForm, UsageFilterForm
 from proxy.selectors import public_models_for_member
@@ -40,8 +40,6 @@ from tenants.periods import next_period_start, period_start_for
 from tenants.selectors import member_history, member_keys, member_quota_this_month
 from tenants.services import api_key_issue, api_key_revoke
 
-AGGREGATE_CACHE_SECONDS = 60
-PAST_CACHE_SECONDS = 3600
 REVOKED_BY_OWNER = "revoked by its owner on the dashboard"  # audit data, not a page text
 CSV_CHUNK_ROWS = 2000
 CSV_COLUMNS = ("started_at", "model", "endpoint", "status", "http_status", "stream", "prompt_tokens",
@@ -67,24 +65,10 @@ class Meter:
         return "full" if self.limit is not None and self.percent >= 100 else "high" if self.percent >= 80 else ""
 
 
-def _cached(key: str, compute, seconds: int = AGGREGATE_CACHE_SECONDS):
-    value = cache.get(key)
-    if value is None:
-        value = compute()
-        cache.set(key, value, seconds)
-    return value
-
-
 def _member_days(member, today):
-    """The member's counted usage per day of this month: the days before today from the cache (an hour:
-    usage rows are append-only and a past day gets rows only from requests still running at its end),
-    today's from its own rows (the index on member, started_at), so a busy month costs a day's rows."""
-    team = member.team
-    since, until = months_back(team, 1)
-    past = (_cached(f"member-days:{member.pk}:{since}:{today}",
-                    lambda: usage_by_day(team=team, since=since, until=today, member=member), PAST_CACHE_SECONDS)
-            if since < today else [])
-    return past + usage_by_day(team=team, since=max(today, since), until=until, member=member)
+    """The member's counted usage per day of this month (past days cached, today's live: dashboards.cache)."""
+    since, until = months_back(member.team, 1)
+    return usage_days(team=member.team, since=since, today=today, until=until, member=member)
 
 
 def _usage_chart(member, span: int, today):
@@ -100,9 +84,9 @@ def _usage_chart(member, span: int, today):
         title = _("My tokens per day, %(month)s") % {"month": f"{since:%Y-%m}"}
     else:
         # Past months are closed: cached an hour. This month is the sum of its days (above).
-        past = _cached(f"member-months:{member.pk}:{since}:{this_month}",
-                       lambda: usage_by_month(team=team, since=since, until=this_month, member=member),
-                       PAST_CACHE_SECONDS)
+        past = cached(f"member-months:{member.pk}:{since}:{this_month}",
+                      lambda: usage_by_month(team=team, since=since, until=this_month, member=member),
+                      PAST_DAYS_SECONDS)
         by_key = {r.month: (r.prompt_tokens, r.completion_tokens) for r in past}
         by_key[this_month] = (sum(r.prompt_tokens for r in this_month_days),
                               sum(r.completion_tokens for r in this_month_days))
@@ -116,10 +100,8 @@ def _usage_chart(member, span: int, today):
 
 
 def _projection(member):
-    team = member.team
-    # The team's whole month (everyone's usage sets each share): one cache entry per team and month.
-    report = _cached(f"team-projection:{team.pk}:{period_start_for(team.timezone)}",
-                     lambda: member_projection(member=member).report)
+    # The team's whole month (everyone's usage sets each share): shared with the team page.
+    report = month_report(team=member.team, start=period_start_for(member.team.timezone))
     return report, next((r for r in report.rows if r.member_id == member.pk), None)
 
 

@@ -21,12 +21,13 @@ from django.views.decorators.http import require_GET, require_POST
 
 from billing.models import BillingPeriod
 from billing.reports import (
-    days, period_invoices, team_month_by_member_model, team_members_month, team_periods, usage_by_day,
+    days, period_invoices, team_month_by_member_model, team_members_month, team_periods,
 )
-from billing.selectors import cost_report, current_period_start, period_get, period_is_over
+from billing.selectors import current_period_start, period_get, period_is_over
 from billing.services import period_set_actual_cost
 from billing.tasks import period_close_task, period_finalize_task
 from dashboards.access import get_or_404, team_admin_required
+from dashboards.cache import month_report, usage_days
 from dashboards.charts import Series, bar_chart
 from dashboards.team.forms import ActualCostForm, MemberLimitsForm, MonthForm, ReasonForm
 from proxy.health import health_history, health_latest
@@ -43,9 +44,9 @@ def _errors(exc: ValidationError) -> list[str]:
 
 # --- the team's month -------------------------------------------------------------------
 
-def tokens_chart(*, team, start, until, names: dict[int, str]):
+def tokens_chart(*, team, start, today, until, names: dict[int, str]):
     """Tokens per team day, stacked by member: the month's top members, the rest as "others"."""
-    rows = usage_by_day(team=team, since=start, until=until, by="member")
+    rows = usage_days(team=team, since=start, today=today, until=until, by="member")
     labels = days(start, until)
     index = {day: i for i, day in enumerate(labels)}
     per_member: dict[int, list[int]] = defaultdict(lambda: [0] * len(labels))
@@ -90,7 +91,7 @@ def team_home(request):
     start = current_period_start(team=team, now=now)
     tz = zoneinfo.ZoneInfo(team.timezone)
     today = timezone.localtime(now, tz).date()
-    report = cost_report(team=team, start=start)
+    report = month_report(team=team, start=start)
     members = team_members_month(team=team, start=start)
     shares = {row.member_id: row for row in report.rows}
     names = {m.member.pk: m.member.user.get_username() for m in members}
@@ -100,7 +101,7 @@ def team_home(request):
         "start": start, "report": report, "tokens": tokens,
         "effective_price": _effective_price(report.cost, tokens),
         "members": [(m, shares.get(m.member.pk)) for m in members],
-        "chart": tokens_chart(team=team, start=start, until=today + timedelta(days=1), names=names),
+        "chart": tokens_chart(team=team, start=start, today=today, until=today + timedelta(days=1), names=names),
         "health": _health_rows(latest, health_history(since=HISTORY_WINDOW, now=now), tz),
     })
 

@@ -6,7 +6,6 @@ import time
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
-import pytest
 from django.utils import translation
 from playwright.sync_api import expect
 
