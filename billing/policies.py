@@ -27,23 +27,89 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 
+from django.utils.translation import gettext, gettext_lazy, gettext_noop
+
 from billing.money import PRICE_PLACES, ZERO, allocate, minor_unit, quantize
 
 USAGE, QUOTA, SEED_RATE, EQUAL, BASE_PLUS_USAGE = "usage", "quota", "seed_rate", "equal", "base_plus_usage"
 POLICIES = (USAGE, QUOTA, SEED_RATE, EQUAL, BASE_PLUS_USAGE)
 
+# The sentences that explain a split. They are stored with their arguments (Explanation), so
+# a page or a statement says them in its reader's language; `explanation` keeps the English.
 EXPLAIN = {
-    USAGE: "The month's cost is split by tokens used, prompt tokens weighted {prompt_weight} and completion "
-           "tokens {completion_weight}{model_note}.",
-    QUOTA: "The month's cost is split by each member's monthly {unit} quota.",
-    SEED_RATE: "Each {unit_one} costs {price} {currency} (the month's cost divided by the team's total quota of "
-               "{quota_sum} {unit}); the part nobody used ({idle} {currency}) is {idle_note}.",
-    EQUAL: "The month's cost is split equally among the members active this month, pro rata by active days.",
-    BASE_PLUS_USAGE: "{base_percent}% of the month's cost is split equally among the members active this month "
-                     "(pro rata by active days), the rest by tokens used.",
+    USAGE: gettext_noop("The month's cost is split by tokens used, prompt tokens weighted {prompt_weight} and "
+                        "completion tokens {completion_weight}{model_note}."),
+    QUOTA: gettext_noop("The month's cost is split by each member's monthly {unit} quota."),
+    SEED_RATE: gettext_noop("Each {unit_one} costs {price} {currency} (the month's cost divided by the team's total "
+                            "quota of {quota_sum} {unit}); the part nobody used ({idle} {currency}) is {idle_note}."),
+    EQUAL: gettext_noop("The month's cost is split equally among the members active this month, pro rata by active "
+                        "days."),
+    BASE_PLUS_USAGE: gettext_noop("{base_share} of the month's cost is split equally among the members active "
+                                  "this month (pro rata by active days), the rest by tokens used."),
 }
-FELL_BACK = "Nobody used the server this month, so the cost is split equally among the members active this month."
-NOBODY_ACTIVE = "Nobody was a member this month: the cost is left unallocated."
+FELL_BACK_KEY, NOBODY_ACTIVE_KEY = "fell_back", "nobody_active"
+SENTENCES = {
+    **EXPLAIN,
+    FELL_BACK_KEY: gettext_noop("Nobody used the server this month, so the cost is split equally among the members "
+                                "active this month."),
+    NOBODY_ACTIVE_KEY: gettext_noop("Nobody was a member this month: the cost is left unallocated."),
+}
+FELL_BACK, NOBODY_ACTIVE = SENTENCES[FELL_BACK_KEY], SENTENCES[NOBODY_ACTIVE_KEY]
+# Words put into the sentences; translated with them.
+PHRASES = {
+    "": "",
+    "by_model": gettext_noop(" and by model"),
+    "token": gettext_noop("token"), "tokens": gettext_noop("tokens"),
+    "request": gettext_noop("request"), "requests": gettext_noop("requests"),
+    "unallocated": gettext_noop("left unallocated"),
+    "payer": gettext_noop("charged to the team's designated payer"),
+}
+POLICY_NAMES = {
+    USAGE: gettext_lazy("by usage"), QUOTA: gettext_lazy("by quota"), SEED_RATE: gettext_lazy("seed rate"),
+    EQUAL: gettext_lazy("equal"), BASE_PLUS_USAGE: gettext_lazy("base plus usage"),
+}
+
+
+def policy_name(policy: str) -> str:
+    """A policy's name in the active language (the code itself for an unknown one)."""
+    return str(POLICY_NAMES.get(policy, policy))
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One of SENTENCES with its arguments: plain values, and PHRASES keys said in the reader's language."""
+
+    sentence: str
+    args: dict = field(default_factory=dict)
+    phrases: dict = field(default_factory=dict)
+
+    def _say(self, translate) -> str:
+        words = {name: translate(PHRASES[key]) if key else "" for name, key in self.phrases.items()}
+        return translate(SENTENCES[self.sentence]).format(**self.args, **words)
+
+    @property
+    def english(self) -> str:
+        return self._say(str)
+
+    def translated(self) -> str:
+        """The sentence in the active language."""
+        return self._say(gettext)
+
+    def with_args(self, **args) -> "Explanation":
+        return Explanation(self.sentence, {**self.args, **args}, self.phrases)
+
+    def to_json(self) -> dict:
+        return {"sentence": self.sentence, "args": self.args, "phrases": self.phrases}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> "Explanation | None":
+        """None for what this code cannot say (a period closed before explanations were stored)."""
+        try:
+            explanation = cls(data["sentence"], dict(data.get("args") or {}), dict(data.get("phrases") or {}))
+            explanation.english  # noqa: B018 - every sentence, argument and phrase is known
+        except (KeyError, TypeError, IndexError, ValueError):
+            return None
+        return explanation
 
 
 @dataclass(frozen=True)
@@ -87,7 +153,7 @@ class PolicyParams:
 class Split:
     amounts: dict[int, Decimal]  # member id → amount (the idle payer's includes the idle part)
     policy: str  # the policy applied (equal after a fallback)
-    explanation: str
+    explained: Explanation
     idle: Decimal = ZERO  # seed_rate: cost of the capacity nobody used
     unallocated: Decimal = ZERO  # what no member pays
     fell_back: bool = False
@@ -95,6 +161,10 @@ class Split:
     @property
     def allocated(self) -> Decimal:
         return sum(self.amounts.values(), ZERO)
+
+    @property
+    def explanation(self) -> str:
+        return self.explained.english
 
 
 IDLE = "idle"  # the key of seed_rate's unallocated idle capacity in a split's weights
@@ -134,20 +204,19 @@ def _used(member: MemberMonth, unit: str) -> int:
 
 
 # Each policy returns (exact weights by member id, plus IDLE for a part left unallocated;
-# the policy applied; its explanation, which may name {idle}), or None when nothing was used.
+# the policy applied; its Explanation, seed_rate's without {idle} yet), or None when nothing was used.
 # split_cost allocates once, so every amount is within one minor unit of its exact share.
 
 def _equal(total, members, params, currency):
-    return _day_weights(members), EQUAL, EXPLAIN[EQUAL]
+    return _day_weights(members), EQUAL, Explanation(EQUAL)
 
 
 def _usage(total, members, params, currency):
     weights = usage_weights(members, params)
     if not any(weights.values()):
         return None
-    note = " and by model" if params.model_weights else ""
-    return weights, USAGE, EXPLAIN[USAGE].format(prompt_weight=params.prompt_weight,
-                                                completion_weight=params.completion_weight, model_note=note)
+    args = {"prompt_weight": str(params.prompt_weight), "completion_weight": str(params.completion_weight)}
+    return weights, USAGE, Explanation(USAGE, args, {"model_note": "by_model" if params.model_weights else ""})
 
 
 def _quota_split(total, members, params, currency):
@@ -156,7 +225,7 @@ def _quota_split(total, members, params, currency):
     weights = {m.member_id: Fraction(q if (q := _quota(m, unit)) is not None else largest) for m in members}
     if not any(weights.values()):
         return None
-    return weights, QUOTA, EXPLAIN[QUOTA].format(unit=unit[:-1])
+    return weights, QUOTA, Explanation(QUOTA, phrases={"unit": unit[:-1]})
 
 
 def _seed_rate(total, members, params, currency):
@@ -176,9 +245,8 @@ def _seed_rate(total, members, params, currency):
     if idle_share:
         weights[IDLE if payer is None else payer] = weights.get(payer, Fraction(0)) + idle_share
     price = _plain((total / quota_sum).quantize(Decimal(1).scaleb(-PRICE_PLACES)))
-    explanation = EXPLAIN[SEED_RATE].format(
-        unit_one=unit[:-1], price=price, currency=currency, quota_sum=quota_sum, unit=unit, idle="{idle}",
-        idle_note="left unallocated" if payer is None else "charged to the team's designated payer")
+    explanation = Explanation(SEED_RATE, {"price": price, "currency": currency, "quota_sum": quota_sum},
+                              {"unit_one": unit[:-1], "unit": unit, "idle_note": "unallocated" if payer is None else "payer"})
     return weights, SEED_RATE, explanation
 
 
@@ -190,7 +258,7 @@ def _base_plus_usage(total, members, params, currency):
     days, usage = _normalised(_day_weights(members)), _normalised(usage)
     weights = {k: share * days[k] + (1 - share) * usage[k] for k in usage}
     percent = _plain(params.base_share * 100)
-    return weights, BASE_PLUS_USAGE, EXPLAIN[BASE_PLUS_USAGE].format(base_percent=percent)
+    return weights, BASE_PLUS_USAGE, Explanation(BASE_PLUS_USAGE, {"base_share": f"{percent}%"})
 
 
 _POLICY = {USAGE: _usage, QUOTA: _quota_split, SEED_RATE: _seed_rate, EQUAL: _equal, BASE_PLUS_USAGE: _base_plus_usage}
@@ -205,16 +273,18 @@ def split_cost(total: Decimal, members: list[MemberMonth], params: PolicyParams,
     zero = ZERO * minor_unit(currency)
     planned = _POLICY[params.kind](total, members, params, currency)
     fell_back = planned is None
-    weights, policy, explanation = (_day_weights(members), EQUAL, FELL_BACK) if fell_back else planned
+    weights, policy, explanation = (_day_weights(members), EQUAL, Explanation(FELL_BACK_KEY)) if fell_back else planned
     if not any(weights.values()):
-        return Split({m.member_id: zero for m in members}, policy, NOBODY_ACTIVE, unallocated=total,
+        return Split({m.member_id: zero for m in members}, policy, Explanation(NOBODY_ACTIVE_KEY), unallocated=total,
                      fell_back=fell_back)
     parts = allocate(total, weights, currency)
     unallocated = parts.pop(IDLE, zero)
     idle = unallocated
     if policy == SEED_RATE and params.idle_payer_id in parts:  # the payer's amount includes it
         idle = quantize(_idle_of(total, members, params), currency)
-    return Split(parts, policy, explanation.replace("{idle}", str(idle)), idle=idle, unallocated=unallocated,
+    if policy == SEED_RATE:
+        explanation = explanation.with_args(idle=str(idle))
+    return Split(parts, policy, explanation, idle=idle, unallocated=unallocated,
                  fell_back=fell_back)
 
 

@@ -27,7 +27,7 @@ from django.db.models.functions import TruncDate
 
 from billing.models import BillingPeriod, BillingPolicy, Invoice, InvoiceLine, StatementEmail, UsageRecord
 from billing.money import PRICE_PLACES, ZERO, quantize
-from billing.policies import MemberMonth, ModelUsage, PolicyParams, Split, split_cost
+from billing.policies import Explanation, MemberMonth, ModelUsage, PolicyParams, Split, policy_name, split_cost
 from tenants.models import Member, QuotaCounter, Team
 from tenants.periods import next_period_start, period_reset_at, period_start_for
 from tenants.quota import ANSWERED_STATUSES
@@ -178,10 +178,20 @@ class CostReport:
     unallocated: Decimal
     fell_back: bool
     rows: list[ShareRow] = field(default_factory=list)
+    explained: Explanation | None = None  # None: a period closed before explanations were stored
 
     @property
     def allocated(self) -> Decimal:
         return sum((r.amount for r in self.rows), ZERO)
+
+    @property
+    def explanation_text(self) -> str:
+        """The explanation in the active language."""
+        return self.explained.translated() if self.explained else self.explanation
+
+    @property
+    def policy_name(self) -> str:
+        return policy_name(self.policy)
 
 
 def share_of(amount: Decimal, cost: Decimal) -> Decimal:
@@ -209,7 +219,7 @@ def cost_report(*, team: Team, start: date) -> CostReport:
                      sum(u.completion_tokens for u in b.month.by_model.values()),
                      split.amounts[b.member.pk], share_of(split.amounts[b.member.pk], cost)) for b in billed]
     return CostReport(team, start, BillingPeriod.Status.OPEN, True, team.currency, cost, split.policy,
-                      split.explanation, split.idle, split.unallocated, split.fell_back, rows)
+                      split.explanation, split.idle, split.unallocated, split.fell_back, rows, split.explained)
 
 
 def _closed_report(period: BillingPeriod) -> CostReport:
@@ -224,7 +234,7 @@ def _closed_report(period: BillingPeriod) -> CostReport:
                              invoice.share, invoice.number or ""))
     return CostReport(period.team, period.start, period.status, False, period.currency, period.cost,
                       period.applied_policy, period.explanation, period.idle, period.unallocated, period.fell_back,
-                      rows)
+                      rows, Explanation.from_json(period.explanation_parts))
 
 
 # --- reconciliation ---------------------------------------------------------------------

@@ -122,7 +122,9 @@ class BillingPeriod(TimestampedModel):
     cost = models.DecimalField(**AMOUNT, null=True, blank=True)
     policy = models.JSONField(default=dict, blank=True)  # snapshot: billing.selectors.policy_params_to_json
     applied_policy = models.CharField(max_length=16, blank=True)  # "equal" after a fallback
-    explanation = models.TextField(blank=True)
+    explanation = models.TextField(blank=True)  # in English, as closed
+    # billing.policies.Explanation.to_json(): the same sentence, said in each reader's language
+    explanation_parts = models.JSONField(default=dict, blank=True)
     allocated = models.DecimalField(**AMOUNT, default=0)
     idle = models.DecimalField(**AMOUNT, default=0)
     unallocated = models.DecimalField(**AMOUNT, default=0)
@@ -157,6 +159,16 @@ class BillingPeriod(TimestampedModel):
 
     def __str__(self) -> str:
         return f"{self.team} {self.start:%Y-%m} ({self.status})"
+
+    @property
+    def explanation_text(self) -> str:
+        """How the cost was split, in the active language (as stored, for a period closed before that was kept)."""
+        explained = policies.Explanation.from_json(self.explanation_parts)
+        return explained.translated() if explained else self.explanation
+
+    @property
+    def policy_name(self) -> str:
+        return policies.policy_name(self.applied_policy)
 
 
 class Invoice(TimestampedModel):

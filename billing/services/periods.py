@@ -184,7 +184,8 @@ def period_close(*, team: Team, start: date, actor=None, now: datetime | None = 
                                                                     policy.public_prices or {}))
         fields = {"currency": team.currency, "planned_cost": team.monthly_cost, "cost": cost,
                   "policy": policy_params_to_json(params, public_prices=policy.public_prices),
-                  "applied_policy": split.policy, "explanation": split.explanation, "allocated": split.allocated,
+                  "applied_policy": split.policy, "explanation": split.explanation,
+                  "explanation_parts": split.explained.to_json(), "allocated": split.allocated,
                   "idle": split.idle, "unallocated": split.unallocated, "fell_back": split.fell_back,
                   "released_reservations": released, "closed_at": timezone.now(), "updated_at": timezone.now()}
         moved = BillingPeriod.objects.filter(pk=period.pk, status=BillingPeriod.Status.OPEN).update(
@@ -233,9 +234,10 @@ def period_set_actual_cost(*, period: BillingPeriod, amount, actor=None, reason:
     period.actual_cost, period.cost = value, value
     invoices_write_drafts(period=period, draft=Draft(months, split, params, period.policy.get("public_prices", {})))
     period.applied_policy, period.explanation, period.fell_back = split.policy, split.explanation, split.fell_back
+    period.explanation_parts = split.explained.to_json()
     period.allocated, period.idle, period.unallocated = split.allocated, split.idle, split.unallocated
-    period.save(update_fields=["actual_cost", "cost", "applied_policy", "explanation", "fell_back", "allocated",
-                               "idle", "unallocated", "updated_at"])
+    period.save(update_fields=["actual_cost", "cost", "applied_policy", "explanation", "explanation_parts",
+                               "fell_back", "allocated", "idle", "unallocated", "updated_at"])
     billing_audit(action=ACTUAL_COST_SET, team=team, actor=actor, subject_id=period.pk, reason=reason.strip(),
                   data={"period": period.start.isoformat(), "before": None if before is None else str(before),
                         "after": str(value), "planned": str(period.planned_cost)})

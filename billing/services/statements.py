@@ -113,7 +113,7 @@ def _member_context(invoice: Invoice, locale: str) -> dict:
         "other_lines": [v for v in lines if v.kind != InvoiceLine.Kind.USAGE],
         "amount": format_amount(invoice.amount, cur, locale), "allocated": format_amount(invoice.allocated, cur, locale),
         "adjusted": invoice.amount != invoice.allocated, "share": format_percent(invoice.share, locale),
-        "cost": format_amount(period.cost, cur, locale), "explanation": period.explanation, "policy": period.applied_policy,
+        "cost": format_amount(period.cost, cur, locale), "explanation": period.explanation_text, "policy": period.policy_name,
         "tokens": detail.tokens, "effective_price": format_price(detail.effective_price, cur, locale),
         "has_public_prices": bool(prices) and detail.public_price_amount is not None,
         "public_price_amount": format_amount(detail.public_price_amount, cur, locale),
@@ -132,8 +132,8 @@ def _summary_context(period: BillingPeriod, locale: str) -> dict:
              "share": format_percent(i.share, locale)} for i in invoices]
     difference = None if period.actual_cost is None else period.actual_cost - period.planned_cost
     return {
-        "team": period.team, "period": period, "rows": rows, "explanation": period.explanation,
-        "policy": period.applied_policy, "fell_back": period.fell_back,
+        "team": period.team, "period": period, "rows": rows, "explanation": period.explanation_text,
+        "policy": period.policy_name, "fell_back": period.fell_back,
         "cost": format_amount(period.cost, cur, locale), "planned_cost": format_amount(period.planned_cost, cur, locale),
         "actual_cost": format_amount(period.actual_cost, cur, locale), "difference": format_amount(difference, cur, locale),
         "allocated": format_amount(period.allocated, cur, locale), "idle": format_amount(period.idle, cur, locale),
