@@ -11,7 +11,7 @@ from django.utils.translation import gettext as _
 from dashboards.access import team_admin_required
 from dashboards.accounts import throttle
 from dashboards.accounts.forms import InviteForm
-from tenants.services import INVITE_TOKENS, member_invite
+from tenants.services import INVITE_TOKENS, invites_resend_for_email, member_invite
 
 LIMITED = 429
 
@@ -42,7 +42,11 @@ class LoginView(auth_views.LoginView):
 
 
 class PasswordResetView(auth_views.PasswordResetView):
-    """Reset links are built on QWENHUB_PUBLIC_URL, never on the request's Host header."""
+    """Reset links are built on QWENHUB_PUBLIC_URL, never on the request's Host header.
+
+    Someone invited who never set a password gets a fresh invitation instead (Django's reset
+    sends nothing to a user without a usable password); the page reads the same either way.
+    """
 
     email_template_name = "registration/password_reset_email.txt"
     subject_template_name = "registration/password_reset_subject.txt"
@@ -53,7 +57,9 @@ class PasswordResetView(auth_views.PasswordResetView):
         self.extra_email_context = {"public_url": settings.QWENHUB_PUBLIC_URL.rstrip("/"),
                                     "valid_days": max(1, settings.PASSWORD_RESET_TIMEOUT // 86400)}
         self.use_https = public.scheme == "https"
-        return super().form_valid(form)
+        response = super().form_valid(form)
+        invites_resend_for_email(email=form.cleaned_data["email"])
+        return response
 
 
 class InviteAcceptView(auth_views.PasswordResetConfirmView):

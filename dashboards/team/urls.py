@@ -10,6 +10,7 @@ urlpatterns = [
     path("members/<int:member_id>/limits/", views.member_limits_update, name="member_limits"),
     path("members/<int:member_id>/suspend/", views.member_suspend, name="member_suspend"),
     path("members/<int:member_id>/reactivate/", views.member_reactivate, name="member_reactivate"),
+    path("members/<int:member_id>/invite/", views.member_invite_again, name="member_invite"),
     path("keys/<int:key_id>/revoke/", views.key_revoke, name="key_revoke"),
     path("periods/", views.period_list, name="periods"),
     path("periods/close/", views.period_close, name="period_close"),

@@ -32,7 +32,7 @@ from dashboards.charts import Series, bar_chart
 from dashboards.team.forms import ActualCostForm, MemberLimitsForm, MonthForm, ReasonForm
 from proxy.health import health_history, health_latest
 from tenants.selectors import api_key_list, member_history, member_keys, member_list
-from tenants.services import api_key_revoke, member_update
+from tenants.services import api_key_revoke, invite_pending, member_invite_resend, member_update
 
 TOP_MEMBERS = 7
 HISTORY_WINDOW = timedelta(hours=1)
@@ -149,6 +149,7 @@ def _member_page(request, member, *, limits_form=None, reason_form=None, status=
         "subject": member, "limits_form": limits_form or MemberLimitsForm.for_member(member),
         "reason_form": reason_form or ReasonForm(), "keys": list(member_keys(member=member)),
         "history": list(member_history(member=member)), "now": timezone.now(),
+        "invite_pending": invite_pending(member=member),
     }, status=status)
 
 
@@ -200,6 +201,20 @@ def member_suspend(request, member_id):
 @team_admin_required
 def member_reactivate(request, member_id):
     return _set_active(request, member_id, True)
+
+
+@require_POST
+@team_admin_required
+def member_invite_again(request, member_id):
+    """A fresh set-password link for someone invited who has not set a password (it expired, or was lost)."""
+    member = _team_member(request, member_id)
+    try:
+        member_invite_resend(member=member, actor=request.user)
+    except ValidationError as exc:
+        messages.error(request, " ".join(_errors(exc)))
+    else:
+        messages.success(request, _("A new invitation was sent to %(email)s.") % {"email": member.user.email})
+    return redirect("team:member", member_id=member.pk)
 
 
 @require_POST

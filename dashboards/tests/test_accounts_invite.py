@@ -318,3 +318,68 @@ def test_invite_page_queries(admin_client, django_assert_num_queries):
     # session, user, memberships (with teams)
     with django_assert_num_queries(3):
         assert admin_client.get("/accounts/invite/").status_code == 200
+
+
+# --- an invitation again: the link expired or the e-mail was lost ---------------------------
+
+
+def test_the_admin_sends_a_fresh_link_that_works_after_the_first_expired(invited, admin_client, settings,
+                                                                          django_capture_on_commit_callbacks):
+    member, first = invited
+    page = admin_client.get(f"/team/members/{member.pk}/").content.decode()
+    assert 'id="invitation"' in page and "new@example.org" in page
+    later = timezone.now() + timedelta(seconds=settings.PASSWORD_RESET_TIMEOUT + 60)
+    with time_machine.travel(later):
+        assert not Client().get(first, follow=True).context["validlink"]
+        with django_capture_on_commit_callbacks(execute=True):
+            response = admin_client.post(f"/team/members/{member.pk}/invite/", follow=True)
+        assert "A new invitation was sent to new@example.org." in response.content.decode()
+        second = invite_path(mail.outbox[-1])
+        assert second != first and mail.outbox[-1].to == ["new@example.org"]
+        assert set_password(Client(), second).status_code == 302
+    event = AuditEvent.objects.filter(member=member, kind="member_invited").latest("pk")
+    assert event.data["resent"] is True and event.actor_id == member.team.members.get(user__username="boss").user_id
+    # once the password is set, the card is gone and the action refuses
+    assert 'id="invitation"' not in admin_client.get(f"/team/members/{member.pk}/").content.decode()
+    sent = len(mail.outbox)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(f"/team/members/{member.pk}/invite/", follow=True)
+    assert "has already set a password" in response.content.decode() and len(mail.outbox) == sent
+
+
+def test_a_suspended_invitee_gets_no_invitation(invited, admin_client, django_capture_on_commit_callbacks):
+    member, _ = invited
+    Member.objects.filter(pk=member.pk).update(is_active=False)
+    sent = len(mail.outbox)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post(f"/team/members/{member.pk}/invite/", follow=True)
+    assert "is suspended" in response.content.decode() and len(mail.outbox) == sent
+    assert 'id="invitation"' not in response.content.decode()
+
+
+def test_another_teams_admin_cannot_resend(invited):
+    member, _ = invited
+    other = team_create(slug="other", name="Other")
+    admin = member_add(team=other, username="zed", email="zed@example.org", password="zed-pass-123",
+                       role=Member.Role.ADMIN)
+    client = Client()
+    client.force_login(admin.user)
+    sent = len(mail.outbox)
+    assert client.post(f"/team/members/{member.pk}/invite/").status_code == 404 and len(mail.outbox) == sent
+
+
+def test_forgot_password_reaches_an_invitee_with_a_fresh_invitation(invited, settings):
+    member, first = invited
+    later = timezone.now() + timedelta(seconds=settings.PASSWORD_RESET_TIMEOUT + 60)
+    with time_machine.travel(later):
+        sent = len(mail.outbox)
+        response = Client().post("/accounts/password/reset/", {"email": "NEW@example.org"})
+        assert response.status_code == 302
+        assert len(mail.outbox) == sent + 1
+        path = invite_path(mail.outbox[-1])  # an invitation, not a reset link Django would not send
+        assert set_password(Client(), path).status_code == 302
+    # a member with a password gets Django's reset link, and no invitation
+    sent = len(mail.outbox)
+    Client().post("/accounts/password/reset/", {"email": "new@example.org"})
+    assert len(mail.outbox) == sent + 1 and not LINK.search(mail.outbox[-1].body)
+    assert re.search(r"/accounts/password/reset/[^/\s]+/[^/\s]+/", mail.outbox[-1].body)

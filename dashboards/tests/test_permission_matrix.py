@@ -77,6 +77,7 @@ CASES = {
     "team:member_limits": Case("post", "admin", _member),
     "team:member_suspend": Case("post", "admin", _member),
     "team:member_reactivate": Case("post", "admin", _member),
+    "team:member_invite": Case("post", "admin", _member),
     "team:key_revoke": Case("post", "admin", _team_key),
     "team:periods": Case("get", "admin"),
     "team:period_close": Case("post", "admin"),

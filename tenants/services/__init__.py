@@ -16,4 +16,6 @@ from tenants.services.quotas import (  # noqa: F401
     QUOTA_AMOUNT_INVALID, QUOTA_CHANGE_REASON, QUOTA_UNLIMITED, quota_counter_apply_quota_change, quota_counter_carry,
     quota_counter_charge_imported, quota_counter_open, quota_counters_open_for_team, quota_reset, quota_top_up,
 )
-from tenants.services.invites import EMAIL_EXISTS, INVITE_TOKENS, member_invite  # noqa: F401
+from tenants.services.invites import (  # noqa: F401
+    EMAIL_EXISTS, INVITE_TOKENS, invite_pending, invites_resend_for_email, member_invite, member_invite_resend,
+)

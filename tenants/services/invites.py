@@ -67,8 +67,8 @@ def member_invite(*, team: Team, email: str, username: str, role: str = Member.R
     """Create the user (no usable password) and their membership, and e-mail them a set-password link.
 
     Records MEMBER_ADDED (member_add's) and MEMBER_INVITED. The e-mail leaves after commit;
-    a failure to send it is logged, not raised (the member exists; an admin may resend a
-    password reset).
+    a failure to send it is logged, not raised (the member exists; an admin may resend the
+    invitation with member_invite_resend).
     """
     email = User.objects.normalize_email(email.strip())
     validate_email(email)
@@ -80,10 +80,58 @@ def member_invite(*, team: Team, email: str, username: str, role: str = Member.R
                         token_quota=token_quota, password=None, actor=actor, reason=reason)
     audit_record(kind=AuditEvent.Kind.MEMBER_INVITED, team=team, member=member, actor=actor, subject_id=member.pk,
                  reason=reason, data={"email": email})
-    inviter = (actor.get_full_name() or actor.get_username()) if actor is not None else ""
-
-    def send_after_commit():
-        invite_email_send(member=member, inviter_name=inviter)
-
-    transaction.on_commit(send_after_commit, robust=True)
+    _email_after_commit(member=member, actor=actor)
     return member
+
+
+def _email_after_commit(*, member: Member, actor) -> None:
+    inviter = (actor.get_full_name() or actor.get_username()) if actor is not None else ""
+    transaction.on_commit(lambda: invite_email_send(member=member, inviter_name=inviter), robust=True)
+
+
+NOT_PENDING = _("{username} has already set a password: a password reset, not an invitation, is what they need.")
+INVITE_NO_EMAIL = _("{username} has no e-mail address to send an invitation to.")
+INVITE_SUSPENDED = _("{username} is suspended: reactivate them before inviting them again.")
+
+
+def invite_pending(*, member: Member) -> bool:
+    """True while the invited person has not set a password (a password reset cannot reach them)."""
+    return not member.user.has_usable_password()
+
+
+@transaction.atomic(durable=True)
+def member_invite_resend(*, member: Member, actor, reason: str = "") -> None:
+    """E-mail a fresh set-password link to an invited member who has not set a password yet.
+
+    For a link that expired or an e-mail that was lost. Earlier links keep working until they
+    expire or the password is set. Records MEMBER_INVITED with resent=True.
+    """
+    username = member.user.get_username()
+    if not invite_pending(member=member):
+        raise ValidationError(NOT_PENDING.format(username=username))
+    if not member.user.email:
+        raise ValidationError(INVITE_NO_EMAIL.format(username=username))
+    if not member.is_active:
+        raise ValidationError(INVITE_SUSPENDED.format(username=username))
+    audit_record(kind=AuditEvent.Kind.MEMBER_INVITED, team=member.team, member=member, actor=actor,
+                 subject_id=member.pk, reason=reason, data={"email": member.user.email, "resent": True})
+    _email_after_commit(member=member, actor=actor)
+
+
+def invites_resend_for_email(*, email: str) -> int:
+    """The password-reset form's part for invitees: a fresh invitation to whoever was invited under email.
+
+    Django's reset skips users without a usable password, so an invited person whose link expired
+    would hear nothing. Returns how many were sent (the page says the same either way).
+    """
+    members = (Member.objects.filter(user__email__iexact=email.strip(), user__is_active=True, is_active=True)
+               .select_related("user", "team").order_by("user_id", "pk"))
+    sent = set()
+    for member in members:
+        if member.user_id not in sent and invite_pending(member=member):
+            invite_email_send(member=member)
+            audit_record(kind=AuditEvent.Kind.MEMBER_INVITED, team=member.team, member=member, actor=None,
+                         subject_id=member.pk, reason="asked for a password reset",
+                         data={"email": member.user.email, "resent": True})
+            sent.add(member.user_id)
+    return len(sent)
