@@ -19,7 +19,6 @@ The tests (bench/tests/test_closedata.py) call ``generate`` and ``close`` at a t
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -320,24 +319,14 @@ def close(*, slug: str = TEAM_SLUG, start: date | None = None) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[1] not in ("generate", "close"):
-        print("usage: python -m bench.closedata generate|close '<json spec>'", file=sys.stderr)
-        return 2
-    import django
+    from bench.procs import django_json_main
 
-    django.setup()
-    from django.db import connection
-
-    spec = json.loads(argv[2])
-    if argv[1] == "generate":
-        out = generate(members=spec.get("members", 50), rows=spec.get("rows", 1_000_000),
-                       slug=spec.get("team", TEAM_SLUG))
-    else:
-        out = close(slug=spec.get("team", TEAM_SLUG),
-                    start=date.fromisoformat(spec["start"]) if spec.get("start") else None)
-    connection.close()
-    print(json.dumps(out, default=str))
-    return 0
+    return django_json_main("bench.closedata", argv, {
+        "generate": lambda spec: generate(members=spec.get("members", 50), rows=spec.get("rows", 1_000_000),
+                                          slug=spec.get("team", TEAM_SLUG)),
+        "close": lambda spec: close(slug=spec.get("team", TEAM_SLUG),
+                                    start=date.fromisoformat(spec["start"]) if spec.get("start") else None),
+    })
 
 
 if __name__ == "__main__":

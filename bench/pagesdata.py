@@ -15,7 +15,6 @@ the median and slowest warm times and the number of SQL statements of each rende
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -90,23 +89,13 @@ def _render(slug: str, repeat: int) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3 or argv[1] not in ("generate", "render"):
-        print("usage: python -m bench.pagesdata generate|render '<json spec>'", file=sys.stderr)
-        return 2
-    import django
+    from bench.procs import django_json_main
 
-    django.setup()
-    from django.db import connection
-
-    spec = json.loads(argv[2])
-    if argv[1] == "generate":
-        out = generate(members=spec.get("members", 50), rows=spec.get("rows", 1_000_000),
-                       slug=spec.get("team", TEAM_SLUG))
-    else:
-        out = render(slug=spec.get("team", TEAM_SLUG), repeat=spec.get("repeat", 5))
-    connection.close()
-    print(json.dumps(out, default=str))
-    return 0
+    return django_json_main("bench.pagesdata", argv, {
+        "generate": lambda spec: generate(members=spec.get("members", 50), rows=spec.get("rows", 1_000_000),
+                                          slug=spec.get("team", TEAM_SLUG)),
+        "render": lambda spec: render(slug=spec.get("team", TEAM_SLUG), repeat=spec.get("repeat", 5)),
+    })
 
 
 if __name__ == "__main__":

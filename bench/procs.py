@@ -144,6 +144,22 @@ def setup_world(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def django_json_main(module: str, argv: list[str], commands: dict) -> int:
+    """django_json's other end: run commands[argv[1]](spec) under Django and print its result as JSON."""
+    if len(argv) != 3 or argv[1] not in commands:
+        print(f"usage: python -m {module} {'|'.join(commands)} '<json spec>'", file=sys.stderr)
+        return 2
+    import django
+
+    django.setup()
+    from django.db import connection
+
+    out = commands[argv[1]](json.loads(argv[2]))
+    connection.close()
+    print(json.dumps(out, default=str))
+    return 0
+
+
 def django_json(module: str, command: str, spec: dict) -> dict:
     """Run `python -m <module> <command> '<json spec>'` (Django, bench env; stderr passes through): its last line."""
     out = subprocess.run([PY, "-m", module, command, json.dumps(spec)], cwd=ROOT, env=bench_env(), check=True,
