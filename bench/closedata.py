@@ -122,6 +122,8 @@ SELECT 'req_' || lpad(to_hex(%(team)s::int), 6, '0') || lpad(to_hex(g), 8, '0') 
               CASE WHEN s = 1 THEN c0
                    WHEN s = 2 OR (s = 4 AND stream) THEN floor(c0 * {u_cut})::bigint
                    ELSE 0 END AS completion) AS c
+ -- the rows land in time order, as the gateway writes them (the table's physical order follows)
+ ORDER BY 16
 """.format(
     usage="billing_usagerecord",
     u_member=_u(1), u_model=_u(2), u_status=_u(3), u_stream=_u(4), u_day=_u(5), u_busy=_u(6), u_tod=_u(7),

@@ -9,7 +9,8 @@ last day at 18:00 in the team's time zone (time-machine moves this process's clo
 so the rows fill the month as a busy month's would by then. It signs in as the team's first
 admin and as its heaviest member with quotas and renders the team page (/team/) and the
 member page (/) through Django's test client in this process (the HTTP server's own share is
-the gateway scenarios' business): each page once cold (an empty cache: the month's split and
+the gateway scenarios' business). First it rolls the past days up, as the schedule has by then
+(billing.services.rollups; timed apart, it is background work). Then each page once cold (an empty cache: the month's split and
 past days are cached, dashboards.cache), then `repeat` times warm, reporting the cold time,
 the median and slowest warm times and the number of SQL statements of each render.
 """
@@ -68,7 +69,17 @@ def render(*, slug: str = TEAM_SLUG, repeat: int = 5) -> dict:
     tz = zoneinfo.ZoneInfo(Member.objects.filter(team__slug=slug).values_list("team__timezone", flat=True)[0])
     last_day = next_period_start(period_start_for(tz.key)) - timedelta(days=1)
     with time_machine.travel(datetime.combine(last_day, datetime.min.time(), tzinfo=tz) + timedelta(hours=18)):
-        return _render(slug, repeat)
+        return {**_roll_up(slug), **_render(slug, repeat)}
+
+
+def _roll_up(slug: str) -> dict:
+    """What the schedule has done by then (billing-usage-days-roll): the month's past days rolled up."""
+    from billing.services.rollups import usage_days_roll
+    from tenants.models import Team
+
+    t0 = time.perf_counter()
+    days = usage_days_roll(team=Team.objects.get(slug=slug))
+    return {"rollup_days": days, "rollup_s": time.perf_counter() - t0}
 
 
 def _render(slug: str, repeat: int) -> dict:

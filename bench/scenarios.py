@@ -266,6 +266,8 @@ def dashboard_pages(b: Bench) -> list[Result]:
     gen = django_json("bench.pagesdata", "generate", {"members": PAGES_MEMBERS, "rows": PAGES_ROWS})
     print(f"  generated {gen['rows']:,} rows in {gen['insert_s']:.1f} s; rendering ...", flush=True)
     out = django_json("bench.pagesdata", "render", {"team": gen["team"], "repeat": 5})
+    print(f"  the schedule's rollup of the month's {out['rollup_days']} past days took {out['rollup_s']:.1f} s",
+          flush=True)
     params = {"members": PAGES_MEMBERS, "rows": gen["rows"], "month": gen["start"][:7], "renders": 5}
     results = []
     for page, path, limit in (("team", "/team/", 1.0), ("member", "/", 0.3)):
@@ -277,8 +279,9 @@ def dashboard_pages(b: Bench) -> list[Result]:
             "cold_s": got["cold_s"], "cold_queries": got["cold_queries"], "median_s": got["median_s"],
             "max_s": got["max_s"], "queries": got["queries"], "kib": got["bytes"] / 1024})
         r.targets.append(Target(f"{page} page, median render", "median_s", "<=", limit, "s"))
+        r.targets.append(Target(f"{page} page, cold render", "cold_s", "<=", limit, "s"))
         r.notes.append("Django's test client in one process: the view, its SQL and the template, no HTTP server; "
-                       "seen on the month's last day at 18:00; cold = an empty cache (the month's split for a "
-                       "minute, past days for an hour)")
+                       "seen on the month's last day at 18:00, its past days rolled up as the schedule has done by "
+                       "then; cold = an empty cache (the month's split for a minute, past days for an hour)")
         results.append(r)
     return results

@@ -6,6 +6,7 @@ A rerun of an old month's close must give the same cents, so keep old behaviour 
 Currency digits come from Babel (CLDR): JPY has 0 decimals, CNY/USD/EUR 2, KWD 3.
 """
 import copy
+import functools
 import math
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
@@ -57,9 +58,15 @@ def allocate(total: Decimal, weights: dict, currency: str) -> dict:
     return {k: Decimal(n) * unit for k, n in parts.items()}
 
 
+@functools.lru_cache(maxsize=64)
+def babel_locale(name: str) -> Locale:
+    """Locale.parse, once per name (a page formats hundreds of figures)."""
+    return Locale.parse(name)
+
+
 def format_money(amount: Decimal, currency: str, locale: str = "en") -> str:
     """Format for people (templates and e-mails only; never parsed back)."""
-    return format_currency(amount, currency, locale=locale)
+    return format_currency(amount, currency, locale=babel_locale(locale))
 
 
 # --- display only: never fed back into arithmetic ----------------------------------------
@@ -68,7 +75,7 @@ def current_locale() -> str:
     """The active language as a Babel locale name (zh-hans → zh_Hans), English when unknown."""
     name = translation.to_locale(translation.get_language() or settings.LANGUAGE_CODE)
     try:
-        return str(Locale.parse(name))
+        return str(babel_locale(name))
     except (UnknownLocaleError, ValueError):
         return "en"
 
@@ -82,13 +89,15 @@ def format_price(amount: Decimal | None, currency: str, locale: str) -> str:
     """A price per 1M tokens in the locale's currency pattern: the currency's decimals, up to PRICE_PLACES."""
     if amount is None:
         return ""
-    pattern = copy.copy(Locale.parse(locale).currency_formats["standard"])
+    parsed = babel_locale(locale)
+    pattern = copy.copy(parsed.currency_formats["standard"])
     pattern.frac_prec = (get_currency_precision(currency), PRICE_PLACES)
-    return pattern.apply(amount, locale, currency=currency, currency_digits=False)
+    return pattern.apply(amount, parsed, currency=currency, currency_digits=False)
 
 
 def format_percent(share: Decimal, locale: str) -> str:
     """The locale's percent pattern (62,50 % in German) with two decimals."""
-    pattern = copy.copy(Locale.parse(locale).percent_formats[None])
+    parsed = babel_locale(locale)
+    pattern = copy.copy(parsed.percent_formats[None])
     pattern.frac_prec = (2, 2)
-    return pattern.apply(share, locale)
+    return pattern.apply(share, parsed)

@@ -9,16 +9,17 @@ through these (never their own queries), so a figure is the same wherever it is 
   are not in them.
 - Days are the team's calendar days (its time zone), like its months.
 """
-import zoneinfo
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta
+import zoneinfo
+from datetime import date, datetime, timedelta
 
 from django.db.models import Count, QuerySet, Sum
-from django.db.models.functions import TruncDate
 from django.utils import timezone
 
-from billing.models import UsageRecord
-from billing.selectors import BILLED_STATUSES, CostReport, ShareRow, cost_report
+from billing.models import UsageDay, UsageRecord
+from billing.selectors import (
+    BILLED_STATUSES, CostReport, ShareRow, cost_report, local_midnight, usage_days_rolled_until, usage_rows_of_days,
+)
 from tenants.models import Member, Team
 from tenants.periods import next_period_start, period_start_for
 
@@ -26,10 +27,6 @@ LIST_FIELDS = ("id", "request_id", "member_id", "api_key_id", "endpoint", "model
                "completion_tokens", "total_tokens", "cached_tokens", "status", "http_status", "stream",
                "started_at", "ttft_ms", "duration_ms")
 GROUPS = (None, "member", "model")
-
-
-def local_midnight(team: Team, day: date) -> datetime:
-    return datetime.combine(day, time(0), tzinfo=zoneinfo.ZoneInfo(team.timezone))
 
 
 def months_back(team: Team, months: int, now: datetime | None = None) -> tuple[date, date]:
@@ -77,22 +74,50 @@ class DayUsage(_Tokens):
 
 def usage_by_day(*, team: Team, since: date, until: date, member: Member | None = None,
                  by: str | None = None) -> list[DayUsage]:
-    """Counted usage per team day [since, until), optionally per member or model, in SQL (one query)."""
+    """Counted usage per team day [since, until), optionally per member or model.
+
+    The days rolled up (billing.services.rollups) come from their rollups, the rest from the
+    usage rows: three small queries (where the rollups end, the rollups, the rows) however many
+    rows the days hold.
+    """
     if by not in GROUPS:
         raise ValueError(f"by must be one of {GROUPS}")
-    rows = UsageRecord.objects.filter(
-        team=team, status__in=BILLED_STATUSES,
-        # period_start narrows the scan to the months' index range; started_at is the exact bound.
-        period_start__gte=since.replace(day=1), period_start__lt=until,
-        started_at__gte=local_midnight(team, since), started_at__lt=local_midnight(team, until))
-    if member is not None:
-        rows = rows.filter(member=member)
-    fields = ["day"] + ([f"{by}_id" if by == "member" else by] if by else [])
-    rows = (rows.annotate(day=TruncDate("started_at", tzinfo=zoneinfo.ZoneInfo(team.timezone)))
-            .values(*fields).annotate(requests=Count("id"), prompt=Sum("prompt_tokens"),
-                                      completion=Sum("completion_tokens")).order_by(*fields))
+    # (the rollups never reach today: no need to ask where they end for today's figures)
+    rolled = usage_days_rolled_until(team=team) if since < period_today(team) else None
+    split = min(max(since, rolled or since), until)
+    rolled_days = _usage_days_rolled(team, since, split, member, by) if split > since else []
+    return rolled_days + (_usage_days_of_rows(team, split, until, member, by) if until > split else [])
+
+
+def _group(by: str | None) -> list[str]:
+    return ["day"] + ([f"{by}_id" if by == "member" else by] if by else [])
+
+
+def _day_usage(rows, fields: list[str], by: str | None) -> list[DayUsage]:
     return [DayUsage(r["day"], r[fields[1]] if by else None, r["requests"], r["prompt"] or 0, r["completion"] or 0)
             for r in rows]
+
+
+def _usage_days_rolled(team, since, until, member, by) -> list[DayUsage]:
+    rows = UsageDay.objects.filter(team=team, day__gte=since, day__lt=until)
+    if member is not None:
+        rows = rows.filter(member=member)
+    fields = _group(by)
+    return _day_usage(rows.values(*fields).annotate(requests=Sum("requests"), prompt=Sum("prompt_tokens"),
+                                                    completion=Sum("completion_tokens")).order_by(*fields), fields, by)
+
+
+def _usage_days_of_rows(team, since, until, member, by) -> list[DayUsage]:
+    rows = usage_rows_of_days(team=team, since=since, until=until)
+    if member is not None:
+        rows = rows.filter(member=member)
+    fields = _group(by)
+    return _day_usage(rows.values(*fields).annotate(requests=Count("id"), prompt=Sum("prompt_tokens"),
+                                                    completion=Sum("completion_tokens")).order_by(*fields), fields, by)
+
+
+def period_today(team: Team) -> date:
+    return timezone.localtime(timezone.now(), zoneinfo.ZoneInfo(team.timezone)).date()
 
 
 def days(since: date, until: date) -> list[date]:

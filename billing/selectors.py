@@ -19,13 +19,15 @@ What a period bills (the rules the close and the month-so-far report share):
 """
 import zoneinfo
 from dataclasses import dataclass, field
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 
 from django.db.models import Count, Sum
 from django.db.models.functions import TruncDate
 
-from billing.models import BillingPeriod, BillingPolicy, Invoice, InvoiceLine, StatementEmail, UsageRecord
+from billing.models import (
+    BillingPeriod, BillingPolicy, Invoice, InvoiceLine, StatementEmail, UsageDay, UsageDayRollup, UsageRecord,
+)
 from billing.money import PRICE_PLACES, ZERO, quantize
 from billing.policies import Explanation, MemberMonth, ModelUsage, PolicyParams, Split, policy_name, split_cost
 from tenants.models import Member, QuotaCounter, Team
@@ -101,13 +103,55 @@ def current_period_start(*, team: Team, now: datetime | None = None) -> date:
 
 # --- usage and members ------------------------------------------------------------------
 
-def period_usage(*, team: Team, start: date):
-    """The period's counted usage per member × model, aggregated in SQL (one query)."""
-    return (UsageRecord.objects.filter(team=team, period_start=start, status__in=BILLED_STATUSES)
-            .values("member_id", "model")
-            .annotate(requests=Count("id"), prompt_tokens=Sum("prompt_tokens"),
-                      completion_tokens=Sum("completion_tokens"))
+def period_usage(*, team: Team, start: date, rolled: bool = False):
+    """The period's counted usage per member × model, aggregated in SQL (one query).
+
+    rolled=True (the month so far, not the close): the days rolled up come from their rollups
+    (billing.services.rollups), the rest from the rows; the same figures, in three small queries.
+    """
+    until = usage_days_rolled_until(team=team) if rolled else None
+    rows = UsageRecord.objects.filter(team=team, period_start=start, status__in=BILLED_STATUSES)
+    if until is None or until <= start - timedelta(days=1):
+        return (rows.values("member_id", "model").annotate(
+            requests=Count("id"), prompt_tokens=Sum("prompt_tokens"), completion_tokens=Sum("completion_tokens"))
             .order_by("member_id", "model"))
+    totals: dict[tuple, dict] = {}
+    rolled_days = (UsageDay.objects.filter(team=team, period_start=start, day__lt=until).values("member_id", "model")
+                   .annotate(n=Sum("requests"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens")))
+    recent = (rows.filter(started_at__gte=local_midnight(team, until)).values("member_id", "model")
+              .annotate(n=Count("id"), prompt=Sum("prompt_tokens"), completion=Sum("completion_tokens")))
+    for r in [*rolled_days, *recent]:
+        t = totals.setdefault((r["member_id"], r["model"]), {"member_id": r["member_id"], "model": r["model"],
+                                                             "requests": 0, "prompt_tokens": 0, "completion_tokens": 0})
+        t["requests"] += r["n"]
+        t["prompt_tokens"] += r["prompt"] or 0
+        t["completion_tokens"] += r["completion"] or 0
+    return [totals[k] for k in sorted(totals)]
+
+
+def local_midnight(team: Team, day: date) -> datetime:
+    return datetime.combine(day, time(0), tzinfo=zoneinfo.ZoneInfo(team.timezone))
+
+
+def usage_days_rolled_until(*, team: Team) -> date | None:
+    """The day before which the team's days are rolled up (billing.services.rollups), in its time zone now."""
+    return (UsageDayRollup.objects.filter(team=team, timezone=team.timezone)
+            .values_list("until", flat=True).first())
+
+
+def usage_rows_of_days(*, team: Team, since: date, until: date):
+    """The counted usage rows of the requests started on the team's days [since, until), each with its `day`."""
+    # The months the rows were admitted in, listed (a request begun just before midnight is
+    # admitted in the next month): the (team, period_start, started_at) index then bounds
+    # started_at within each, where a range of months would scan them whole.
+    months, month = [], since.replace(day=1)
+    while month <= next_period_start(until - timedelta(days=1)):
+        months.append(month)
+        month = next_period_start(month)
+    return (UsageRecord.objects.filter(
+        team=team, status__in=BILLED_STATUSES, period_start__in=months,
+        started_at__gte=local_midnight(team, since), started_at__lt=local_midnight(team, until))
+        .annotate(day=TruncDate("started_at", tzinfo=zoneinfo.ZoneInfo(team.timezone))))
 
 
 @dataclass(frozen=True)
@@ -124,10 +168,10 @@ def active_days(*, team: Team, start: date, joined_at: datetime, used: bool) -> 
     return max(days, 1) if used else days
 
 
-def period_billed_members(*, team: Team, start: date) -> list[BilledMember]:
-    """The members the period bills, with their month as the policies see it (three queries)."""
+def period_billed_members(*, team: Team, start: date, rolled: bool = False) -> list[BilledMember]:
+    """The members the period bills, with their month as the policies see it (three queries; rolled: period_usage)."""
     by_member: dict[int, dict[str, ModelUsage]] = {}
-    for row in period_usage(team=team, start=start):
+    for row in period_usage(team=team, start=start, rolled=rolled):
         by_member.setdefault(row["member_id"], {})[row["model"]] = ModelUsage(
             row["requests"], row["prompt_tokens"] or 0, row["completion_tokens"] or 0)
     ends_at = period_reset_at(team.timezone, start)
@@ -199,9 +243,13 @@ def share_of(amount: Decimal, cost: Decimal) -> Decimal:
     return (amount / cost).quantize(Decimal("0.00000001")) if cost else Decimal(0)
 
 
-def period_split(*, team: Team, start: date, cost: Decimal, params: PolicyParams) -> tuple[list[BilledMember], Split]:
-    """The members of the period and the split of `cost` among them: what the close writes and the report projects."""
-    billed = period_billed_members(team=team, start=start)
+def period_split(*, team: Team, start: date, cost: Decimal, params: PolicyParams,
+                 rolled: bool = False) -> tuple[list[BilledMember], Split]:
+    """The members of the period and the split of `cost` among them: what the close writes and the report projects.
+
+    The close reads the rows themselves; the report may read the days rolled up (rolled=True, period_usage).
+    """
+    billed = period_billed_members(team=team, start=start, rolled=rolled)
     split = split_cost(quantize(Decimal(str(cost)), team.currency), [b.month for b in billed], params, team.currency)
     return billed, split
 
@@ -213,7 +261,7 @@ def cost_report(*, team: Team, start: date) -> CostReport:
         return _closed_report(period)
     cost = quantize(Decimal(str(team.monthly_cost)), team.currency)
     billed, split = period_split(team=team, start=start, cost=cost,
-                                 params=policy_params(billing_policy_for_team(team=team)))
+                                 params=policy_params(billing_policy_for_team(team=team)), rolled=True)
     rows = [ShareRow(b.member.pk, b.member.user.get_username(), b.month.requests,
                      sum(u.prompt_tokens for u in b.month.by_model.values()),
                      sum(u.completion_tokens for u in b.month.by_model.values()),

@@ -17,6 +17,7 @@ from billing.models import BillingPeriod
 from billing.selectors import statement_periods_pending
 from tenants.models import Team
 from tenants.periods import next_period_start, period_start_for
+from billing.services.rollups import usage_days_roll_all
 from tenants.services.reservations import reservations_sweep
 
 RETRY = {"autoretry_for": (OperationalError,), "retry_backoff": 60, "max_retries": 5}
@@ -187,3 +188,9 @@ def quota_warnings_task() -> int:
 def reservations_sweep_task() -> int:
     """Give back stale quota reservations (tenants.services.reservations); return how many requests' worth."""
     return sum(row["requests"] for row in reservations_sweep())
+
+
+@shared_task(**RETRY)
+def usage_days_roll_task() -> int:
+    """Roll every team's settled days of usage up (billing.services.rollups); return how many days were written."""
+    return sum(usage_days_roll_all().values())

@@ -197,6 +197,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": crontab(minute="*/5"),
         "options": {"expires": 4 * 60},
     },
+    # Rolls the days over for good up into daily totals, which the charts read (billing.services.rollups).
+    "billing-usage-days-roll": {  # https://crontab.guru/#3-59/10_*_*_*_*
+        "task": "billing.tasks.usage_days_roll_task",
+        "schedule": crontab(minute="3-59/10"),
+        "options": {"expires": 9 * 60},
+    },
 }
 
 # Embedded, e-mails (statements, quota warnings) are written to files under data/mail

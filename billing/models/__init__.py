@@ -9,4 +9,4 @@ from billing.models.invoices import (  # noqa: F401
     InvoiceAdjustment, InvoiceLine, validate_model_weights, validate_public_prices,
 )
 from billing.models.outbox import QuotaWarning, StatementEmail  # noqa: F401
-from billing.models.usage import UsageRecord  # noqa: F401
+from billing.models.usage import UsageDay, UsageDayRollup, UsageRecord  # noqa: F401

@@ -9,6 +9,7 @@ from django.core.exceptions import ValidationError
 from billing.models import InvoiceLine
 from billing.selectors import cost_report, period_billed_members, period_reconciliation, period_usage
 from billing.services import billing_policy_update, period_close
+from billing.services.rollups import usage_days_roll
 from billing.tests.factories import MemberJoinedFactory, usage
 from tenants.periods import period_start_for
 from tenants.tests.factories import TeamFactory
@@ -36,9 +37,13 @@ def test_aggregation_is_three_queries_whatever_the_rows_and_members(django_asser
         billed = period_billed_members(team=team, start=NOV)
     assert len(billed) == 6
     assert billed[5].month.by_model["a"].requests == 6 and billed[5].month.by_model["b"].prompt_tokens == 60
-    with django_assert_max_num_queries(5):  # + the period row and the policy
+    with django_assert_max_num_queries(6):  # + the period row, the policy and where the rollups end
         report = cost_report(team=team, start=NOV)
     assert report.allocated == D("3000.00") and report.projected
+    usage_days_roll(team=team, now=datetime(2026, 11, 20, tzinfo=zoneinfo.ZoneInfo(team.timezone)))
+    with django_assert_max_num_queries(7):  # and the usage in two parts: the rollups, the rows since
+        rolled = cost_report(team=team, start=NOV)
+    assert rolled.rows == report.rows
 
 
 @pytest.mark.django_db

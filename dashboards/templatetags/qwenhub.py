@@ -4,7 +4,7 @@ from decimal import Decimal
 from babel.numbers import format_decimal
 from django import template
 
-from billing.money import current_locale, format_amount, format_percent, format_price
+from billing.money import babel_locale, current_locale, format_amount, format_percent, format_price
 
 register = template.Library()
 
@@ -26,7 +26,7 @@ def number(value):
     """12345 → 12,345 (the locale's separators); "" for None."""
     if value in (None, ""):
         return ""
-    return format_decimal(value, locale=current_locale())
+    return format_decimal(value, locale=babel_locale(current_locale()))
 
 
 @register.filter
