@@ -19,12 +19,14 @@ import re
 import zoneinfo
 from datetime import datetime, timedelta
 
+import httpx
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client, override_settings
 from django.utils import timezone
 
 from billing.models import BillingPeriod, UsageRecord
+from billing.selectors import BILLED_STATUSES
 from billing.money import format_money
 from billing.services import period_close
 from billing.tasks import period_finalize_task, quota_warnings_task
@@ -71,6 +73,41 @@ def _get(client, url, status=200, **extra):
     response = client.get(url, **extra)
     assert response.status_code == status, (url, response.status_code, _body(response)[:500])
     return _body(response)
+
+
+def _text(html: str) -> str:
+    """A page's words, one space apart."""
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+class Fetch:
+    """Each URL twice, as the same user: through Django's test client (this process, whose logging is captured)
+    and over HTTP from the running qwenhub.asgi server (the gateway's process, logging at DEBUG)."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url
+        self.bodies: dict[str, str] = {}
+
+    def __call__(self, name: str, client: Client, url: str, status: int = 200, **meta) -> str:
+        local = _get(client, url, status, **meta)
+        headers = {key.removeprefix("HTTP_").replace("_", "-"): value for key, value in meta.items()}
+        cookies = {key: morsel.value for key, morsel in client.cookies.items()}
+        with httpx.Client(base_url=self.base_url, cookies=cookies, timeout=30) as http:
+            served = http.get(url, headers=headers)
+        assert served.status_code == status, (url, served.status_code, served.text[:500])
+        self.bodies[name], self.bodies[f"{name} (served)"] = local, served.text
+        return local
+
+    def same_traffic(self, prefix: str) -> None:
+        """The served pages show what the test client's do (the same rows, the key's prefix)."""
+        for name, local in list(self.bodies.items()):
+            if name.endswith("(served)"):
+                continue
+            served = self.bodies[f"{name} (served)"]
+            assert len(REQUEST_ROW.findall(served)) == len(REQUEST_ROW.findall(local)), name
+            assert (prefix in served) == (prefix in local), name
+            if "csv" in name:
+                assert served.count("\n") == local.count("\n"), name
 
 
 def test_canaries_reach_no_email_page_api_response_or_log(canary_world, sim, debug_workers, smtp, caplog):
@@ -125,59 +162,60 @@ def test_canaries_reach_no_email_page_api_response_or_log(canary_world, sim, deb
         invoice.refresh_from_db()
         day = timezone.localdate(timezone=zoneinfo.ZoneInfo(team.timezone))
         by_status = {s: sum(r.status == s for r in rows) for s in {r.status for r in rows}}
-        pages = {}
-        pages["member home"] = _get(member_client, "/")
-        pages["keys"] = _get(member_client, "/keys/")
-        assert f"<code>{stored.prefix}" in pages["keys"] and LABEL in pages["keys"]
-        pages["requests"] = _get(member_client, "/requests/")
-        assert len(REQUEST_ROW.findall(pages["requests"])) == len(rows) and stored.prefix in pages["requests"]
+        fetch = Fetch(world.gateway.url)
+        home = _text(fetch("member home", member_client, "/"))
+        charged = sum(r.status == "ok" for r in rows)
+        assert f"requests {charged} 1,000" in home and f"tokens {sum(r.total_tokens for r in rows)}" in home
+        keys = fetch("keys", member_client, "/keys/")
+        assert f"<code>{stored.prefix}" in keys and LABEL in keys
+        listed = fetch("requests", member_client, "/requests/")
+        assert len(REQUEST_ROW.findall(listed)) == len(rows) and stored.prefix in listed
         for status, count in by_status.items():
-            pages[f"requests {status}"] = _get(member_client, f"/requests/?status={status}")
-            assert len(REQUEST_ROW.findall(pages[f"requests {status}"])) == count, status
-        pages["requests filtered"] = _get(member_client, f"/requests/?since={day - timedelta(days=1)}&until={day}"
-                                                         f"&model={MODEL}")
-        assert REQUEST_ROW.findall(pages["requests filtered"])
-        pages["requests bad filter"] = _get(member_client, f"/requests/?since={day}&until={day - timedelta(days=1)}",
-                                            status=400)
-        pages["requests csv"] = _get(member_client, "/requests.csv")
-        assert len(pages["requests csv"].splitlines()) == len(rows) + 1
-        assert pages["requests csv"].count(f",{stored.prefix}") == sum(r.api_key_id == stored.pk for r in rows) > 0
-        pages["requests csv ok"] = _get(member_client, "/requests.csv?status=ok")
-        assert len(pages["requests csv ok"].splitlines()) == by_status["ok"] + 1
-        pages["invoices"] = _get(member_client, "/invoices/")
-        pages["statement"] = _get(member_client, f"/invoices/{invoice.pk}/")
-        assert invoice.number in pages["invoices"] and invoice.number in pages["statement"]
-        pages["team home"] = _get(admin_client, "/team/")
-        assert world.member.user.username in pages["team home"]
-        pages["team export"] = _get(admin_client, "/team/export.csv")
-        pages["team export month"] = _get(admin_client, f"/team/export.csv?month={month:%Y-%m}")
-        assert world.member.user.username in pages["team export month"]
-        pages["member detail"] = _get(admin_client, f"/team/members/{world.member.pk}/")
-        assert stored.prefix in pages["member detail"] and LABEL in pages["member detail"]
-        pages["periods"] = _get(admin_client, "/team/periods/")
-        pages["period"] = _get(admin_client, f"/team/periods/{period.pk}/")
-        assert format_money(invoice.amount, team.currency, "en_US") in pages["period"]
+            assert len(REQUEST_ROW.findall(fetch(f"requests {status}", member_client,
+                                                 f"/requests/?status={status}"))) == count, status
+        assert REQUEST_ROW.findall(fetch("requests filtered", member_client,
+                                         f"/requests/?since={day - timedelta(days=1)}&until={day}&model={MODEL}"))
+        fetch("requests bad filter", member_client, f"/requests/?since={day}&until={day - timedelta(days=1)}",
+              status=400)
+        table = fetch("requests csv", member_client, "/requests.csv")
+        assert len(table.splitlines()) == len(rows) + 1
+        assert table.count(f",{stored.prefix}") == sum(r.api_key_id == stored.pk for r in rows) > 0
+        assert len(fetch("requests csv ok", member_client, "/requests.csv?status=ok").splitlines()) == charged + 1
+        assert invoice.number in fetch("invoices", member_client, "/invoices/")
+        assert invoice.number in fetch("statement", member_client, f"/invoices/{invoice.pk}/")
+        team_home = _text(fetch("team home", admin_client, "/team/"))
+        assert f"{world.member.user.username} {charged} / 1,000" in team_home
+        fetch("team export", admin_client, "/team/export.csv")
+        assert world.member.user.username in fetch("team export month", admin_client,
+                                                   f"/team/export.csv?month={month:%Y-%m}")
+        detail = fetch("member detail", admin_client, f"/team/members/{world.member.pk}/")
+        assert stored.prefix in detail and LABEL in detail
+        fetch("periods", admin_client, "/team/periods/")
+        assert format_money(invoice.amount, team.currency, "en_US") in fetch("period", admin_client,
+                                                                            f"/team/periods/{period.pk}/")
 
         # -- the management API: by session, by the canary key itself, and with the prompt as a key
         since = int((timezone.now() - timedelta(days=2)).timestamp())  # 7 daily buckets by default
         key_auth = {"HTTP_AUTHORIZATION": f"Bearer {raw_key}"}
-        api = {}
         for url in ("/api/v1/me/", "/api/v1/me/keys/", "/api/v1/me/usage/", "/api/v1/me/usage/daily/",
                     "/api/v1/me/invoices/", f"/api/v1/me/invoices/{invoice.pk}/"):
-            api[url] = _get(Client(), url, **key_auth)
-            api[f"{url} session"] = _get(member_client, url)
-        assert stored.prefix in api["/api/v1/me/keys/"] and LABEL in api["/api/v1/me/keys/"]
-        assert api["/api/v1/me/usage/"].count(f'"model":"{MODEL}"') == sum(r.model == MODEL for r in rows) > 0
+            fetch(f"{url} by key", Client(), url, **key_auth)
+            fetch(f"{url} by session", member_client, url)
+        listed = fetch.bodies["/api/v1/me/keys/ by key"]
+        assert stored.prefix in listed and LABEL in listed
+        assert fetch.bodies["/api/v1/me/usage/ by key"].count(f'"model":"{MODEL}"') == sum(
+            r.model == MODEL for r in rows) > 0
         base = f"/api/v1/teams/{team.slug}"
         for url in (f"{base}/members/", f"{base}/members/{world.member.pk}/", f"{base}/usage/daily/",
-                    f"{base}/periods/", f"{base}/invoices/", f"{base}/invoices/{invoice.pk}/",
-                    f"{base}/audit-events/", f"/v1/organization/usage/completions?start_time={since}",
+                    f"{base}/periods/", f"{base}/invoices/", f"{base}/invoices/{invoice.pk}/", f"{base}/audit-events/",
                     f"/v1/organization/costs?start_time={since}"):
-            api[url] = _get(admin_client, url)
-        usage = api[f"/v1/organization/usage/completions?start_time={since}"]
-        assert sum(int(n) for n in re.findall(r'"num_model_requests":(\d+)', usage)) > 0
-        api["prompt as key"] = _get(Client(), "/api/v1/me/", status=401, HTTP_AUTHORIZATION=f"Bearer {PROMPT}")
-        api["wrong key"] = _get(Client(), "/api/v1/me/", status=401, HTTP_AUTHORIZATION=f"Bearer {raw_key[:-1]}x")
+            fetch(url, admin_client, url)
+        usage = fetch("organization usage", admin_client, f"/v1/organization/usage/completions?start_time={since}")
+        assert sum(int(n) for n in re.findall(r'"num_model_requests":(\d+)', usage)) == len(
+            UsageRecord.objects.filter(team=team, status__in=BILLED_STATUSES))
+        fetch("prompt as key", Client(), "/api/v1/me/", status=401, HTTP_AUTHORIZATION=f"Bearer {PROMPT}")
+        fetch("wrong key", Client(), "/api/v1/me/", status=401, HTTP_AUTHORIZATION=f"Bearer {raw_key[:-1]}x")
+        fetch.same_traffic(stored.prefix)
 
     # -- what was received: every message, decoded -------------------------------------------------
     assert wait_for(lambda: len(inbox.messages) >= len(invoices) + 4, timeout=10)
@@ -195,12 +233,16 @@ def test_canaries_reach_no_email_page_api_response_or_log(canary_world, sim, deb
     # -- nowhere: mail, pages, API, the worker's log, this process's log, the gateway's log ---------
     worker_log = worker.log()
     assert "period_statements_send_task" in worker_log and "DEBUG" in worker_log  # it logged this work, at DEBUG
-    django_log = caplog.text
-    assert "Unauthorized: /api/v1/me/" in django_log  # the refused API calls were logged
+    # this process's records, but the test's own SMTP server (which logs what it receives) and HTTP client
+    harness = ("mail.log", "httpx", "httpcore")
+    django_log = "\n".join(f"{r.levelname} {r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records
+                           if not r.name.startswith(harness))
+    gateway_log = world.gateway.log_text()
+    for log in (django_log, gateway_log):
+        assert "Unauthorized: /api/v1/me/" in log  # the refused API calls were logged, in both processes
     places = {**{f"mail {i} {m['Subject']}": _mail_text(m) for i, m in enumerate(messages)},
-              **{f"page {name}": text for name, text in pages.items()},
-              **{f"api {url}": text for url, text in api.items()},
-              "worker log": worker_log, "django log": django_log, "gateway log": world.gateway.log_text()}
+              **{f"page {name}": text for name, text in fetch.bodies.items()},
+              "worker log": worker_log, "django log": django_log, "gateway log": gateway_log}
     for where, text in places.items():
         assert PROMPT not in text, f"the canary prompt is in the {where}"
         assert raw_key not in text and secret not in text, f"the canary key is in the {where}"
