@@ -182,3 +182,34 @@ def _pid_alive(pid: int) -> bool:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid])
         return cursor.fetchone() is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_killed_while_the_close_reports_its_released_reservations_sends_no_second_report(
+        month_workers, smtp):
+    """After the commit the close e-mails the admins what it released; killed on the wire, nobody sends it again.
+
+    (The server has the message when the worker dies waiting for its "250": the close that
+    committed was the only one to send, and a rerun finds the month closed.)
+    """
+    start, send = month_workers
+    inbox, _ = smtp
+    first = start()
+    team, members, stuck = _mill()
+    inbox.hold_at = 1
+    assert first.result(send(periods_close_due_task, now=moved(2026, 12, 1, 0, 5))) == "1"
+    assert inbox.holding.wait(WAIT), first.log()[-3000:]
+    first.kill()
+    closed = _state(team)
+    assert closed[1] == BillingPeriod.Status.CLOSED and len(closed[5]) == MEMBERS
+    assert (closed[7], closed[8]) == (1, len(stuck))
+
+    second = start()
+    inbox.release.set()
+    assert second.result(send(periods_close_due_task, now=moved(2026, 12, 1, 1, 5))) == "0"  # nothing due
+    assert second.result(send(period_close_task, team.pk, NOV.isoformat())) == "None"  # the killed one's message
+    assert _state(team) == closed
+    assert [m["To"] for m in inbox.messages] == [members[0].user.email]  # the report, once
+    assert not QuotaReservation.objects.filter(counter__member__team=team).exists()
+    out, _ = run_command("reconcile", team.slug, "--month", "2026-11")
+    assert "the counters agree with the usage rows" in out
