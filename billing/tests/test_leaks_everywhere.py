@@ -8,8 +8,11 @@ member and a team admin can see and the management API's JSON are fetched (the A
 the canary key itself as the Bearer token, and with the prompt as one). Nowhere may the raw
 key (or its secret part after the display prefix) or the prompt appear: not in a received
 message (headers and every MIME part, decoded), a page, a JSON body, the worker's log, this
-process's log at DEBUG, or the gateway's log. Each place is also shown to hold this traffic
-(the key's prefix, the request count, the tokens), so an empty page cannot pass.
+process's log at DEBUG, the gateway's log (the same pages are also fetched from it over HTTP),
+nor, after all this, the database (pg_dump) or Redis (cache, sessions' throttles, the broker's
+messages). Each place is also shown to hold this traffic (the key's prefix, the request count,
+the tokens, the invoice), so an empty page cannot pass; the key's label, user-chosen and shown
+by design, is a control that the same searches do find what is there.
 """
 import csv
 import email.policy
@@ -32,7 +35,8 @@ from billing.services import period_close
 from billing.tasks import period_finalize_task, quota_warnings_task
 from billing.tests.test_month_end_to_end import PUBLIC_URL, month_workers, smtp  # noqa: F401 - fixtures
 from proxy.gateway.tests.conftest import MODEL, gateway, sim, wait_for  # noqa: F401 - fixtures
-from proxy.gateway.tests.test_leaks import PROMPT, _every_path, canary_world  # noqa: F401 - fixture
+from proxy.gateway.tests.test_leaks import (  # noqa: F401 - fixture
+    PROMPT, _database_dump, _every_path, _redis_dump, canary_world)
 from tenants.models import ApiKey, Member, QuotaReservation
 from tenants.periods import next_period_start
 from tenants.services import member_add
@@ -241,7 +245,11 @@ def test_canaries_reach_no_email_page_api_response_or_log(canary_world, sim, deb
     gateway_log = world.gateway.log_text()
     for log in (django_log, gateway_log):
         assert "Unauthorized: /api/v1/me/" in log  # the refused API calls were logged, in both processes
-    places = {**{f"mail {i} {m['Subject']}": _mail_text(m) for i, m in enumerate(messages)},
+    # and what all this wrote: the outbox, invoices, sessions, the pages' cache, the broker's messages
+    dump, cache = _database_dump(), _redis_dump()
+    assert f"\t{stored.prefix}\t" in dump and invoice.number in dump
+    assert "_kombu.binding" in cache and "b'qh:1:" in cache  # the broker's and Django's cache keys
+    places = {"database": dump, "redis": cache, **{f"mail {i} {m['Subject']}": _mail_text(m) for i, m in enumerate(messages)},
               **{f"page {name}": text for name, text in fetch.bodies.items()},
               "worker log": worker_log, "django log": django_log, "gateway log": gateway_log}
     for where, text in places.items():
