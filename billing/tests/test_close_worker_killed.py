@@ -9,7 +9,8 @@ and written audit rows), SIGKILLs the worker, then lets go of the lock: PostgreS
 client gone and rolls the whole close back. A new worker and the next hourly run then close
 the month: one period, one invoice per member, the split of the cost to the cent, the
 reservations released and reported once, and `reconcile` clean. A redelivery of the killed
-worker's message (acks_late) changes nothing.
+worker's message (acks_late) changes nothing. A second test kills the worker after the close's
+commit, while its report of the released reservations is on the wire: no second report.
 
 Workers, SMTP server and clock handling as in test_month_end_to_end (its fixtures).
 """
