@@ -43,6 +43,7 @@ team_patterns = [
     path("members/<int:member_id>/", teams.MemberDetailApi.as_view(), name="team-member"),
     path("members/<int:member_id>/update/", teams.MemberUpdateApi.as_view(), name="team-member-update"),
     path("members/<int:member_id>/suspend/", teams.MemberSuspendApi.as_view(), name="team-member-suspend"),
+    path("members/<int:member_id>/invitation/", teams.MemberInvitationApi.as_view(), name="team-member-invitation"),
     path("members/<int:member_id>/reactivate/", teams.MemberReactivateApi.as_view(),
          name="team-member-reactivate"),
     path("usage/daily/", teams.TeamUsageDailyApi.as_view(), name="team-usage-daily"),

@@ -28,7 +28,7 @@ from billing.services import period_finalize, period_set_actual_cost
 from billing.tasks import period_close_task, period_statements_send_task
 from tenants.models import AuditEvent, Member
 from tenants.selectors import member_list, member_quota_this_month, team_audit_events
-from tenants.services import member_invite, member_update
+from tenants.services import member_invite, member_invite_resend, member_update
 
 TEAM = ["team"]
 PERIOD_NOT_OVER = _("This month is not over yet in the team's time zone.")
@@ -162,6 +162,22 @@ class MemberSuspendApi(TeamAdminApi):
         serializer.is_valid(raise_exception=True)
         member = _set_active(request, member_id, False, serializer.validated_data["reason"])
         return Response(TeamMemberSerializer(member).data)
+
+
+class MemberInvitationApi(TeamAdminApi):
+    InputSerializer = ReasonInputSerializer
+
+    @extend_schema(operation_id="team_members_invitation_send", tags=TEAM, parameters=[SLUG],
+                   request=ReasonInputSerializer, summary="E-mail an invited member a fresh set-password link",
+                   description="For someone invited who has not set a password yet (the link expired, the "
+                               "e-mail was lost); refused with a 400 once they have, or while suspended.",
+                   responses={202: None, **ADMIN_ERRORS})
+    def post(self, request, slug: str, member_id: int):
+        member = get_or_404(member_list(team=request.team), pk=member_id)
+        serializer = self.InputSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        member_invite_resend(member=member, actor=request.user, reason=serializer.validated_data["reason"])
+        return Response(status=status.HTTP_202_ACCEPTED)
 
 
 class MemberReactivateApi(TeamAdminApi):

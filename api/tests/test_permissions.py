@@ -89,6 +89,9 @@ CASES = {
     "api:team-member-suspend": Case("post", 200,
                                     kwargs=lambda w, own: {**_team(w), "member_id": _team_member(w, own)},
                                     has_object=True),
+    "api:team-member-invitation": Case("post", 400,  # the member has a password: refused after the gates
+                                       kwargs=lambda w, own: {**_team(w), "member_id": _team_member(w, own)},
+                                       has_object=True),
     "api:team-member-reactivate": Case("post", 400,  # the member is active: refused, but only after the gates
                                        kwargs=lambda w, own: {**_team(w), "member_id": _team_member(w, own)},
                                        has_object=True),

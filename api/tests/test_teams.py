@@ -34,6 +34,26 @@ def test_invite_makes_the_membership_and_mails_the_link(world, mailoutbox, djang
     assert mail.to == ["newcomer@example.org"] and "/accounts/invite/" in mail.body
 
 
+def test_an_invitation_sent_again_until_the_password_is_set(world, mailoutbox, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        body = world.client(world.admin).post(_url("api:team-member-invite", world), {
+            "email": "late@example.org", "username": "late"}, format="json").json()
+    url = _url("api:team-member-invitation", world, member_id=body["id"])
+    with django_capture_on_commit_callbacks(execute=True):
+        response = world.client(world.admin).post(url, {"reason": "the link expired"}, format="json")
+    assert response.status_code == 202, response.content
+    assert len(mailoutbox) == 2 and mailoutbox[1].to == ["late@example.org"] and "/accounts/invite/" in mailoutbox[1].body
+    event = AuditEvent.objects.filter(kind="member_invited", member_id=body["id"]).latest("pk")
+    assert event.data["resent"] is True and event.reason == "the link expired"
+    member = Member.objects.select_related("user").get(pk=body["id"])
+    member.user.set_password("now-it-is-set-123")
+    member.user.save()
+    with django_capture_on_commit_callbacks(execute=True):
+        refused = world.client(world.admin).post(url, {}, format="json")
+    assert refused.status_code == 400 and "already set a password" in refused.json()["error"]["message"]
+    assert len(mailoutbox) == 2
+
+
 @pytest.mark.parametrize(("body", "field"), [
     ({"email": "x@example.org", "username": "other-user"}, "username"),  # taken (world.other's? see below)
     ({"email": "not-an-address", "username": "fresh"}, "email"),
