@@ -346,7 +346,7 @@ def run_soak(cfg: Config, *, db: BenchDatabase, procs: Processes, sim_args: tupl
         idle_rss, n_procs = process_tree_rss_mb(gw.pid)
         idle_conns = db.connections()
         idle_keys, idle_no_ttl = redis_keys(redis_server.client)
-        log_tail = gw.log_tail(20000)
+        log_tail = gw.log_tail(1_000_000)
     finally:
         for proc in reversed(mine):
             procs.stop(proc)
@@ -362,7 +362,8 @@ def run_soak(cfg: Config, *, db: BenchDatabase, procs: Processes, sim_args: tupl
         "usage_mismatches": check["mismatches"], "usage_mismatch_examples": check["examples"],
         "reconcile_rc": reconcile.returncode,
         "reconcile_output": (reconcile.stdout + reconcile.stderr).strip()[-2000:],
-        "gateway_log_errors": [line for line in log_tail.splitlines() if " ERROR " in line or "Traceback" in line][:10],
+        "gateway_log_errors": [line for line in log_tail.splitlines()
+                               if " ERROR " in line or line.startswith("ERROR:") or "Traceback" in line][:10],
     })
     soak.checks = evaluate(soak.figures)
     return soak
