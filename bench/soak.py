@@ -9,8 +9,10 @@ its keys are the gateway's alone), and the simulator as the upstream with GPU-li
 (100 ms to the first token, 20 ms per token, ±20 % jitter, 64 sequences). Every user is a
 member with its own key and loops: think (exponential, mean 2 s), then one request —
 30 % non-streamed, 60 % streamed to the end, 10 % streamed and closed by the client after a
-few chunks (a disconnect mid-stream). Two of the users are members with a tiny quota (a few
-requests; a few hundred tokens) and soon get 429 ``insufficient_quota``.
+few chunks (a disconnect mid-stream); the mix is exact in every ten requests of a user (users
+at different phases), lengths and think times are random (seeded). Two of the users are
+members with a tiny quota (3 requests; 150 tokens) and soon get 429 ``insufficient_quota``.
+The others have rate limits they never reach, so the limiter keeps its buckets in Redis.
 
 While the users run, the gateway's RSS (the uvicorn master and its workers, from /proc), the
 bench database's connections (pg_stat_activity) and the Redis key count are sampled every
@@ -39,7 +41,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.loadgen import percentile
-from bench.procs import PY, ROOT, BenchDatabase, Processes, bench_env, free_port
+from bench.procs import PY, ROOT, BenchDatabase, Pinning, Processes, bench_env, free_port
 
 DB_NAME = "qwenhub_bench_soak"
 TEAM = "soak"
@@ -241,9 +243,12 @@ async def _one(session, url: str, key: str, user: int, kind: str, quota: bool, r
 async def _user(session, url, key, user, quota, cfg: Config, t0, stop_at, out: list[Req]) -> None:
     rng = random.Random(cfg.seed * 100_003 + user)
     await asyncio.sleep(rng.uniform(0, min(5.0, cfg.seconds / 4)))  # users arrive over the first seconds
+    n = 0
     while time.perf_counter() < stop_at:
-        x = rng.random()
-        kind = "disconnect" if x < cfg.disconnect_share else "stream" if x < cfg.stream_share else "json"
+        # the mix exactly, in every ten requests of a user, each user at its own phase (3 and 7 are prime to 10)
+        slot = ((n * 7 + user * 3) % 10) / 10
+        n += 1
+        kind = "disconnect" if slot < cfg.disconnect_share else "stream" if slot < cfg.stream_share else "json"
         out.append(await _one(session, url, key, user, kind, quota, rng, t0))
         think = min(rng.expovariate(1 / cfg.think_s), 4 * cfg.think_s)
         await asyncio.sleep(max(0.0, min(think, stop_at - time.perf_counter())))
@@ -260,10 +265,13 @@ class Sample:
 
 
 async def _sampler(gateway_pid: int, db: BenchDatabase, redis_client, t0: float, out: list[Sample]) -> None:
-    while True:
+    def sample() -> Sample:
         rss, n = process_tree_rss_mb(gateway_pid)
         n_keys, no_ttl = redis_keys(redis_client)  # every key's TTL: a key written without one shows here
-        out.append(Sample(time.perf_counter() - t0, rss, n, db.connections(), n_keys, no_ttl))
+        return Sample(time.perf_counter() - t0, rss, n, db.connections(), n_keys, no_ttl)
+
+    while True:
+        out.append(await asyncio.to_thread(sample))  # off the loop the users run on
         await asyncio.sleep(SAMPLE_EVERY)
 
 
@@ -280,7 +288,6 @@ async def _drive(cfg: Config, gw_url: str, keys: list[str], gateway_pid: int, db
         wall = time.perf_counter() - t0
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
-        # one last sample under the same conditions as the others (the last users are just finishing)
     return reqs, samples, wall
 
 
@@ -303,7 +310,10 @@ def _env(db: BenchDatabase, redis_url: str, **extra: str) -> dict[str, str]:
 
 
 def _django(module_args: list[str], env: dict, *, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([PY, *module_args], cwd=ROOT, env=env, capture_output=True, text=True, check=check)
+    out = subprocess.run([PY, *module_args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if check and out.returncode:
+        raise RuntimeError(f"{' '.join(module_args[:3])} exited {out.returncode}: {out.stderr[-2000:]}")
+    return out
 
 
 def migrate(db: BenchDatabase) -> None:
@@ -326,8 +336,8 @@ def run_soak(cfg: Config, *, db: BenchDatabase, procs: Processes, sim_args: tupl
         out = _django(["-m", "bench.soak", "setup", json.dumps({
             "users": cfg.users, "base_url": sim.base_url, "max_concurrency": MAX_CONCURRENCY})], env)
         keys = json.loads(out.stdout.strip().splitlines()[-1])["keys"]
-        # 2 workers need both cores: not pinned (the bench process's own affinity would be inherited)
-        every_cpu = ["taskset", "-c", f"0-{os.cpu_count() - 1}"] if shutil.which("taskset") else []
+        # 2 workers need every core: not pinned (the bench process's own affinity would be inherited)
+        every_cpu = Pinning.prefix(tuple(sorted(procs.pinning.gateway + procs.pinning.client)))
         gw = procs.start_gateway("soak", workers=WORKERS, prefix=every_cpu, DATABASE_URL=db.url,
                                  REDIS_URL=redis_server.url)
         mine.append(gw)
@@ -350,6 +360,7 @@ def run_soak(cfg: Config, *, db: BenchDatabase, procs: Processes, sim_args: tupl
         idle_conns = db.connections()
         idle_keys, idle_no_ttl = redis_keys(redis_server.client)
         log_tail = gw.log_tail(1_000_000)
+        upstream = sim.metrics()
     finally:
         for proc in reversed(mine):
             procs.stop(proc)
@@ -363,6 +374,7 @@ def run_soak(cfg: Config, *, db: BenchDatabase, procs: Processes, sim_args: tupl
         "reservations_left": check["reservations_left"], "reservations_waited_s": check["waited_s"],
         "usage_rows": check["rows"], "usage_rows_by_status": check["by_status"],
         "usage_mismatches": check["mismatches"], "usage_mismatch_examples": check["examples"],
+        "upstream_aborted": int(upstream.get('vllm:request_success_total{finished_reason="abort"}', 0)),
         "reconcile_rc": reconcile.returncode,
         "reconcile_output": (reconcile.stdout + reconcile.stderr).strip()[-2000:],
         "gateway_log_errors": [line for line in log_tail.splitlines()
@@ -519,7 +531,8 @@ def print_soak(soak: Soak) -> None:
     f = soak.figures
     print(f"  {f['requests']} requests in {f['wall_s']} s ({f['requests_per_s']}/s), {f['users']} users; "
           f"non-streamed p50/p99 {f['json_p50_ms']}/{f['json_p99_ms']} ms, streams {f['stream_p50_ms']}/"
-          f"{f['stream_p99_ms']} ms, TTFT {f['ttft_p50_ms']}/{f['ttft_p99_ms']} ms")
+          f"{f['stream_p99_ms']} ms, TTFT {f['ttft_p50_ms']}/{f['ttft_p99_ms']} ms; {f['disconnects']} disconnects, "
+          f"{f['upstream_aborted']} requests aborted upstream")
     print(f"  {'':36s} {'before':>8s} {'after':>8s} {'max':>8s} {'idle':>8s}")
     for label, key, unit in (("gateway RSS (MB, master + workers)", "rss", "_mb"),
                              ("PostgreSQL connections", "pg_connections", ""),
