@@ -100,6 +100,11 @@ class BenchDatabase:
         ).fetchone()
         return int(row[0]) if row else 0
 
+    def connections(self) -> int:
+        """Backends connected to the bench database now (pg_stat_activity)."""
+        row = self._admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [self.name]).fetchone()
+        return int(row[0])
+
     def close(self) -> None:
         self._admin.close()
 
@@ -208,9 +213,10 @@ def http_status(url: str, timeout: float = 1.0) -> int | None:
 
 
 class GatewayProcess:
-    """`uvicorn qwenhub.asgi:application` (one process) with the bench env, in its own process group."""
+    """`uvicorn qwenhub.asgi:application` (one process, or a master and `workers`) with the bench env, in its own
+    process group."""
 
-    def __init__(self, name: str, prefix: list[str], log_dir: Path, **env: str) -> None:
+    def __init__(self, name: str, prefix: list[str], log_dir: Path, *, workers: int = 1, **env: str) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -218,7 +224,7 @@ class GatewayProcess:
         self._log = open(self.log_path, "wb")
         cmd = [*prefix, PY, "-m", "uvicorn", "qwenhub.asgi:application", "--host", "127.0.0.1",
                "--port", str(self.port), "--no-access-log", "--loop", "uvloop", "--http", "httptools",
-               "--lifespan", "on"]
+               "--lifespan", "on", *(["--workers", str(workers)] if workers > 1 else [])]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=bench_env(**env), stdout=self._log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.pid = self.proc.pid  # taskset execs, so this is the Python process itself
@@ -278,9 +284,11 @@ class Processes:
         self.started.append(sim)
         return sim
 
-    def start_gateway(self, name: str, **env: str) -> GatewayProcess:
+    def start_gateway(self, name: str, *, workers: int = 1, prefix: list[str] | None = None,
+                      **env: str) -> GatewayProcess:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        gw = GatewayProcess(name, Pinning.prefix(self.pinning.gateway), self.log_dir, **env)
+        prefix = Pinning.prefix(self.pinning.gateway) if prefix is None else prefix
+        gw = GatewayProcess(name, prefix, self.log_dir, workers=workers, **env)
         self.started.append(gw)
         return gw
 

@@ -71,6 +71,12 @@ def print_report(results: list[Result], meta: dict) -> None:
                 print(f"close: {r.row:28s} insert {m['insert_s']:.1f} s, counters {m['counters_s']:.2f} s, "
                       f"VACUUM ANALYZE {_f(m['vacuum_analyze_s'], '.1f', 1).strip()} s, setup {m['setup_s']:.1f} s, "
                       f"table {m['table_mb']:.0f} MB")
+            elif r.scenario == "soak":
+                print(f"soak: {r.row}: {m['requests']} requests ({m['requests_per_s']}/s); RSS {m['rss_before_mb']} -> "
+                      f"{m['rss_after_mb']} MB, PostgreSQL connections {m['pg_connections_before']} -> "
+                      f"{m['pg_connections_after']}, Redis keys {m['redis_keys_before']} -> {m['redis_keys_after']}")
+                for line in m["checks"].values():
+                    print(f"{'':10s}{line}")
             else:
                 print(f"{r.scenario}: {r.row}: " + ", ".join(f"{k}={v}" for k, v in m.items()))
             for note in r.notes:

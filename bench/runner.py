@@ -237,10 +237,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds of gateway idleness before reading pg_stat_database (default 11; 0 with --quick)")
     ap.add_argument("--pin", choices=("auto", "none"), default="auto",
                     help="auto: gateway on the first core, simulators + load generator on the others (taskset)")
+    ap.add_argument("--users", type=int, help="soak: simulated users (default 200; 50 with --quick)")
+    ap.add_argument("--seconds", type=float, help="soak: seconds of load (default 120; 30 with --quick)")
     ap.add_argument("--keep-db", action="store_true", help="do not drop qwenhub_bench at the end")
     ap.add_argument("--out", default=str(RESULTS / "latest.json"), help="where to write the JSON results")
     ap.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = ap.parse_args(argv)
+    if args.users is None:
+        args.users = 50 if args.quick else 200
+    if args.seconds is None:
+        args.seconds = 30.0 if args.quick else 120.0
     if args.settle is None:
         args.settle = 0.0 if args.quick else 11.0
     return args

@@ -15,7 +15,7 @@ import aiohttp
 
 from bench.loadgen import percentile, run_load
 from bench.figures import Result, Target
-from bench.procs import django_json
+from bench.procs import BenchDatabase, django_json
 from bench.runner import CHAT, Bench, _run, chat_body, scenario, sim_group
 from proxy.simulator.testing import parse_metrics
 
@@ -285,3 +285,25 @@ def dashboard_pages(b: Bench) -> list[Result]:
                        "then; cold = an empty cache (the month's split for a minute, past days for an hour)")
         results.append(r)
     return results
+
+
+# --- the soak -------------------------------------------------------------------------------------
+@scenario("soak", sims=(), members=(), gateway=False,
+          help="200 users for 2 minutes (--users, --seconds) on 2 uvicorn workers, paced upstream, 10 % "
+               "disconnects, 2 members over quota; RSS, connections, Redis keys and TTLs, reconcile, usage rows")
+def soak(b: Bench) -> list[Result]:
+    """Its own database (bench.soak.DB_NAME) and a private Redis, started and checked by bench.soak."""
+    from bench import soak as soak_run
+
+    cfg = soak_run.Config(users=b.args.users, seconds=b.args.seconds)
+    db = BenchDatabase(name=soak_run.DB_NAME)
+    db.create()
+    try:
+        soak_run.migrate(db)
+        out = soak_run.run_soak(cfg, db=db, procs=b.procs)
+    finally:
+        if not b.args.keep_db:
+            db.drop()
+        db.close()
+    soak_run.print_soak(out)
+    return [soak_run.result(out)]

@@ -25,6 +25,10 @@ Keys, with the upstream id as hash tag so one upstream's keys share a slot::
     qh:fq:{U}:deficit  HASH  member → grants left in its current turn
     qh:fq:{U}:weight   HASH  member → weight (of members in the ring)
 
+Every key has a TTL: a write gives its key at least the life of what it adds (a slot
+until its expiry, a waiter until its deadline) plus 10 s, so an upstream nobody uses
+any more, or a crash, leaves nothing behind for ever.
+
 Every state change is one Lua script (EVALSHA), and scripts read the clock with
 ``TIME`` on the server, so gateway hosts need no synchronised clocks. (The
 per-member queue keys of other members are built inside the scripts: fine on a

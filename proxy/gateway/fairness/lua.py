@@ -14,6 +14,13 @@ local cap = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+-- No key lives for ever: each write gives its key a TTL at least as long as the entry it adds can
+-- live (a slot until its expiry score, a waiter until its deadline), plus KEEP; only ever lengthened.
+local KEEP = 10000
+local function expire_after(k, ms)
+  if redis.call('PTTL', k) < ms then redis.call('PEXPIRE', k, ms) end
+end
+
 local function leave(m)
   redis.call('LREM', R, 1, m)
   redis.call('HDEL', D, m)
@@ -58,8 +65,10 @@ local function dispatch(n)
         redis.call('LMOVE', R, R, 'LEFT', 'RIGHT')
       else
         redis.call('HSET', D, m, dc)
+        expire_after(D, math.max(redis.call('PTTL', R), KEEP))
       end
       redis.call('ZADD', H, now + ttl, tok)
+      expire_after(H, ttl + KEEP)
       if redis.call('PUBLISH', ch, tok) > 0 then
         n = n + 1
       else
@@ -97,6 +106,7 @@ local n = redis.call('ZCARD', H)
 if n < cap and redis.call('HLEN', E) > 0 then n = dispatch(n) end
 if n < cap then
   redis.call('ZADD', H, now + tonumber(ARGV[8]), ARGV[5])
+  expire_after(H, tonumber(ARGV[8]) + KEEP)
   return {1, n + 1, redis.call('HLEN', E), 0}
 end
 if ARGV[9] == '0' then return {-1, n, redis.call('HLEN', E), 0} end
@@ -105,6 +115,11 @@ redis.call('HSET', E, ARGV[5], ARGV[6] .. '|' .. string.format('%d', now + tonum
 redis.call('RPUSH', KEYS[6], ARGV[5])
 redis.call('HSET', W, m, ARGV[4])
 if not redis.call('LPOS', R, m) then redis.call('RPUSH', R, m) end
+local keep = tonumber(ARGV[7]) + KEEP
+expire_after(E, keep)
+expire_after(KEYS[6], keep)
+expire_after(W, keep)
+expire_after(R, keep)
 return {0, n, redis.call('HLEN', E), earliest()}
 """
 
