@@ -8,13 +8,8 @@ from pathlib import Path
 from bench.soak.config import LIMITS, MODEL, QUOTAS, TEAM
 
 
-def _setup_main(spec: dict) -> dict:
+def setup(spec: dict) -> dict:
     """A team, one member with a key per user (the first ones with tiny quotas), the simulator's upstream."""
-    import django
-
-    django.setup()
-    from django.db import connection
-
     from proxy.services import upstream_add
     from tenants.services import api_key_issue, member_add, member_update, team_create
 
@@ -28,7 +23,6 @@ def _setup_main(spec: dict) -> dict:
         keys.append(api_key_issue(member=member, label="soak")[1])
     upstream_add(name="soak", base_url=spec["base_url"], served_name=MODEL, public_name=MODEL,
                  max_concurrency=spec["max_concurrency"])
-    connection.close()
     return {"keys": keys}
 
 
@@ -36,12 +30,8 @@ def _setup_main(spec: dict) -> dict:
 ROW_STATUS = {"ok": {"ok"}, "disconnected": {"client_disconnected", "ok"}, "quota_429": {"rejected"}}
 
 
-def _check_main(spec: dict) -> dict:
+def check(spec: dict) -> dict:
     """After the load: wait until no reservation is held, then match the usage rows with the client's requests."""
-    import django
-
-    django.setup()
-    from django.db import connection
     from django.db.models import Count
 
     from billing.models import UsageRecord
@@ -66,7 +56,6 @@ def _check_main(spec: dict) -> dict:
             if len(examples) < 5:
                 examples.append(f"{request_id} ({outcome}): {status or 'no row'}")
     by_status = dict(UsageRecord.objects.filter(team__slug=TEAM).values_list("status").annotate(n=Count("id")))
-    connection.close()
     return {"reservations_left": left, "waited_s": round(waited, 1), "rows": len(rows), "by_status": by_status,
             "mismatches": mismatches, "examples": examples}
 
