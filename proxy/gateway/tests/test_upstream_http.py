@@ -191,3 +191,27 @@ def test_the_relays_byte_path_gives_what_its_json_path_gives(sim, public):
         assert all(e["model"] == public for e in events)
         assert all("usage" not in e for e in events if e["choices"])  # per-chunk usage cut
         assert any(not e["choices"] for e in events) == wants_usage  # the final usage chunk only if asked
+
+
+def test_a_json_answer_larger_than_the_read_buffer_is_read_whole():
+    """Past PAUSE_AT buffered bytes reading pauses; read() must take them and resume, not wait for the timeout."""
+    from proxy.gateway.upstream_http import PAUSE_AT
+
+    async def run():
+        client = UpstreamHTTP(embedder.base_url, None, connect_timeout=2, read_timeout=3)
+        try:
+            body = {"model": "BAAI/bge-m3", "input": [f"text number {i}" for i in range(100)]}
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            response = await client.post("/embeddings", orjson.dumps(body), "req-big")
+            raw = await response.read()
+            response.release()
+            return response.status, raw, loop.time() - started
+        finally:
+            await client.close()
+
+    with start_simulator("--model", "BAAI/bge-m3", "--runner", "pooling") as embedder:
+        status, raw, seconds = asyncio.run(run())
+    assert status == 200 and len(raw) > 2 * PAUSE_AT
+    assert len(orjson.loads(raw)["data"]) == 100
+    assert seconds < 3  # not ended by the read timeout
