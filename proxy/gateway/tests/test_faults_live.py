@@ -282,7 +282,8 @@ def test_redis_stopped_and_restarted_during_traffic(transactional_db, gw, redis,
     quota = 60
     world = _limited_world(gw, sim.base_url, request_quota=quota)
     member_keys = f"qh:rl:{world.member.pk}:*"
-    with Traffic(gw.url, world.key, concurrency=4, total=quota + 30) as traffic:
+    total = quota + 40
+    with Traffic(gw.url, world.key, concurrency=4, total=total) as traffic:
         traffic.wait_sent(15)
         assert redis.cli("--scan", "--pattern", member_keys)  # limits live in Redis
         redis.stop()
@@ -290,8 +291,8 @@ def test_redis_stopped_and_restarted_during_traffic(transactional_db, gw, redis,
         traffic.wait_sent(outage + 25)
         redis.start()
         restarted_at = len(traffic.results)
-    during = traffic.results[outage:restarted_at]
-    assert len(during) >= 25
+        traffic.wait_sent(total)
+    assert restarted_at - outage >= 25 and total - restarted_at >= 10  # answered during and after the outage
     assert "Redis unavailable" in gw.log_text()
     statuses = [r.status for r in traffic.results]
     assert set(statuses) <= {200, 429}, [r for r in traffic.results if r.status not in (200, 429)]
@@ -331,6 +332,8 @@ def _manage(database_url: str, *args: str) -> str:
 
 WORLD_SCRIPT = """
 import json
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
 from proxy.services import upstream_add
 from tenants.services import api_key_issue, member_add, team_create
 team = team_create(slug="pg-team", name="PG team", timezone_name="Asia/Shanghai", currency="CNY", monthly_cost="3000")
@@ -367,7 +370,6 @@ def test_postgresql_stopped_and_started_again_during_traffic(tmp_path):
     with private_postgres() as pg, start_simulator("--model", SERVED, "--itl-ms", "40") as slow:
         pg.createdb("qh")
         url = pg.url("qh")
-        _manage(url, "migrate", "-v", "0")
         world = _tagged(_manage(url, "shell", "-c", WORLD_SCRIPT.format(url=slow.base_url, served=SERVED,
                                                                           model=MODEL)), "WORLD")
         gateway = GatewayProcess(tmp_path, workers=2, DATABASE_URL=url,
@@ -381,12 +383,10 @@ def test_postgresql_stopped_and_started_again_during_traffic(tmp_path):
                 in_flight = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40,
                                                            stream=True)
                 chunks = [next(iter(in_flight))]  # streaming: its reservation is committed
-                stop_began = time.monotonic()
                 pg.stop("fast")
                 stopped_at = time.monotonic()
                 chunks += list(in_flight)  # the stream is not affected
                 traffic.wait_sent(len(traffic.results) + 10)
-                outage_seen = time.monotonic()
                 time.sleep(0.5)
                 start_began = time.monotonic()
                 pg.start()
@@ -406,7 +406,6 @@ def test_postgresql_stopped_and_started_again_during_traffic(tmp_path):
         down = [r for r in results if r.started >= stopped_at and r.started + r.seconds <= start_began]
         assert len(down) >= 10 and {(r.status, r.code) for r in down} == {(503, "database_unavailable")}
         assert max(r.seconds for r in down) < 2.0, sorted(r.seconds for r in down)[-3:]
-        assert outage_seen - stopped_at < 20
         assert {r.status for r in results[served_again:]} == {200}
 
         with pg.connect("qh") as db:
@@ -427,7 +426,6 @@ def test_postgresql_stopped_and_started_again_during_traffic(tmp_path):
             assert "agree" in _manage(url, "reconcile", world["slug"])
             assert db.execute("SELECT requests_reserved, tokens_reserved FROM billing_quotacounter "
                               "WHERE member_id = %s", [world["member_id"]]).fetchone() == (0, 0)
-        del stop_began, outage_seen
 
 
 # --- 4. a worker killed mid-stream -----------------------------------------------------------------
@@ -469,9 +467,9 @@ def _holder_of_connection(pids: set[int], server_port: int, client_port: int) ->
 def test_a_worker_killed_mid_stream(transactional_db, tmp_path):
     """SIGKILL the uvicorn worker serving a stream: the client's stream breaks, the other worker serves on.
 
-    The client (openai SDK) saw the stream end while iterating with httpx.RemoteProtocolError ("peer
-    closed connection without sending complete message body"): the SDK does not wrap errors raised
-    while iterating a stream into openai.APIConnectionError. Requests sent right after were answered (200)
+    The client (openai SDK) saw the stream end while iterating with openai.APIConnectionError ("Connection
+    error.", from httpx's RemoteProtocolError "peer closed connection without sending complete message
+    body (incomplete chunked read)"). Requests sent right after were answered (200)
     by the other worker, and uvicorn 0.54 started a new worker in place of the dead one. The killed
     request has no usage row and its reservation stays until the sweep gives it back (backdated here);
     reconcile is then clean.
@@ -491,7 +489,7 @@ def test_a_worker_killed_mid_stream(transactional_db, tmp_path):
             client_port = stream.response.extensions["network_stream"].get_extra_info("client_addr")[1]
             victim = _holder_of_connection(workers, gateway.port, client_port)
             os.kill(victim, signal.SIGKILL)
-            with pytest.raises(httpx.RemoteProtocolError):
+            with pytest.raises(openai.APIConnectionError):
                 for _ in chunks:
                     pass
             for _ in range(4):  # the other worker serves on (new connections each time)
