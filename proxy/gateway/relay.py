@@ -48,7 +48,7 @@ class _StreamRelay:
     per-chunk usage and the usage-only chunk are removed unless it asked for them.
     """
 
-    __slots__ = ("usage", "chat", "wants_usage", "wants_running", "served", "public", "buffer", "done",
+    __slots__ = ("usage", "chat", "wants_usage", "wants_running", "served", "public", "held", "done",
                  "failed", "finished", "_swap", "_fast", "_model_from", "_model_to")
 
     def __init__(self, usage: Usage, endpoint: str, wants_usage: bool, wants_running: bool,
@@ -63,16 +63,26 @@ class _StreamRelay:
         self._fast = self.chat and choices == 1 and not wants_running
         self._model_from = b'"model":' + orjson.dumps(served)
         self._model_to = b'"model":' + orjson.dumps(public)
-        self.buffer = b""
+        # The pieces of an event not ended yet, joined once it ends: an event arriving in many reads
+        # (a huge line) costs time linear in its size, not quadratic.
+        self.held: list[bytes] = []
         self.done = False  # [DONE] seen
         self.failed = False  # the upstream sent an error event (already relayed with [DONE])
         self.finished = False
 
     def feed(self, data: bytes) -> bytes:
-        self.buffer += data
-        if b"\n\n" not in self.buffer:
+        held = self.held
+        if b"\n\n" not in data and not (held and data[:1] == b"\n" and held[-1][-1:] == b"\n"):
+            if data:
+                held.append(data)
             return b""
-        *events, self.buffer = self.buffer.split(b"\n\n")
+        if held:
+            held.append(data)
+            data = b"".join(held)
+            held.clear()
+        *events, rest = data.split(b"\n\n")
+        if rest:
+            held.append(rest)
         out = []
         for event in events:
             piece = self._event(event)

@@ -189,11 +189,17 @@ class Response:
         return data
 
     async def read(self) -> bytes:
+        parts = []
         while not self.complete:
             if self.error is not None:
                 raise self.error
-            await self._more()
-        return self._take() if self.chunks else b""
+            if self.chunks:
+                parts.append(self._take())  # past PAUSE_AT reading pauses until taken: take, and it resumes
+            else:
+                await self._more()
+        if self.chunks:
+            parts.append(self._take())
+        return b"".join(parts) if len(parts) != 1 else parts[0]
 
     async def iter_any(self):
         """The body as it arrives, in whatever pieces (like aiohttp's content.iter_any())."""

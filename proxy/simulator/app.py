@@ -68,9 +68,12 @@ class Simulator:
             raise p.bad_request(f"Unknown {FAULT_HEADER} {fault!r}; one of {', '.join(FAULTS)}", FAULT_HEADER)
         return fault
 
-    async def _drop(self, request: web.Request, reason: str) -> None:
-        """Close the connection without finishing the response; wait to be cancelled."""
-        self.engine.count_fault(reason)
+    async def _drop(self, request: web.Request, reason: str | None) -> None:
+        """Close the connection without finishing the response; wait to be cancelled.
+
+        `reason`: the fault to count (None: counted already)."""
+        if reason:
+            self.engine.count_fault(reason)
         if request.transport is not None:
             request.transport.close()
         await asyncio.sleep(_FOREVER)  # aiohttp cancels the handler when the connection is lost
@@ -84,6 +87,9 @@ class Simulator:
         elif fault == "hang":
             self.engine.count_fault("hang")
             await asyncio.sleep(_FOREVER)  # until the client goes away
+        elif fault == "html_502":  # a reverse proxy in front of vLLM answers for it
+            self.engine.count_fault("html_502")
+            raise _Respond(web.Response(status=502, body=p.HTML_502, content_type="text/html"))
         if self.auth_values:
             got = request.headers.get("Authorization", "").encode()
             if not any(hmac.compare_digest(got, want) for want in self.auth_values):
@@ -148,6 +154,12 @@ class Simulator:
             return self.error(p.ApiError(500, "Internal server error", "InternalServerError"))
         if fault == "garbage":
             return web.Response(body=p.GARBAGE_BODY, content_type=JSON)
+        if fault == "huge_line":
+            resp = web.StreamResponse(headers={"Content-Type": JSON})
+            await resp.prepare(request)
+            await self._huge_line(resp.write, b'{"id":"')
+            await self._drop(request, None)
+            return resp
         payload = orjson.dumps(build())
         if fault != "cut":
             return web.Response(body=payload, content_type=JSON)
@@ -158,6 +170,14 @@ class Simulator:
         await self._drop(request, "cut")
         return resp
 
+    @staticmethod
+    async def _huge_line(write: Callable[[bytes], Awaitable[None]], head: bytes) -> None:
+        """The huge_line fault: `head`, then 10 MB without a newline (in 1 MB writes)."""
+        await write(head)
+        piece = b"x" * (1 << 20)
+        for _ in range(p.HUGE_LINE_BYTES // len(piece)):
+            await write(piece)
+
     async def _stream(self, request: web.Request, job: p.GenJob, rid: str, created: int, chat: bool,
                       fault: str | None, lengths: list[int], reasons: list[str]) -> web.StreamResponse:
         resp = web.StreamResponse(headers=SSE_HEADERS)
@@ -165,7 +185,7 @@ class Simulator:
         writer = p.ChunkWriter(job, rid, created, chat)
         write = resp.write
         on_step: Callable[[int, int], Awaitable[None]]
-        if fault in ("cut", "error_chunk", "garbage"):
+        if fault in ("cut", "error_chunk", "garbage", "huge_line"):
             per_chunk = max(1, self.engine.ctl.tokens_per_chunk)
             steps = 1 + -(-(max(lengths) - 1) // per_chunk)
             fault_at = min(3, steps - 1)
@@ -179,6 +199,9 @@ class Simulator:
                         raise FaultStop("abort")
                     if fault == "error_chunk":
                         raise FaultStop("error")
+                    if fault == "huge_line":
+                        await self._huge_line(write, b"data: ")
+                        raise FaultStop("abort")
                     await write(p.GARBAGE_EVENT)
                 await write(writer.step(prev, pos))
         else:
@@ -192,7 +215,7 @@ class Simulator:
             await write(p.ERROR_EVENT + p.DONE)
         else:
             try:
-                await self._drop(request, "cut")
+                await self._drop(request, None if fault == "huge_line" else "cut")
             except _Respond:
                 pass
             return resp

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-FAULTS = ("refuse", "hang", "500", "cut", "error_chunk", "garbage", "slow_health")
+FAULTS = ("refuse", "hang", "500", "html_502", "cut", "error_chunk", "garbage", "huge_line", "slow_health")
 
 
 @dataclass

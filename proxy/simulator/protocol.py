@@ -340,6 +340,10 @@ ERROR_EVENT = (b'data: {"error":{"message":"Simulated engine failure (fault erro
                b'"type":"InternalServerError","param":null,"code":500}}\n\n')
 GARBAGE_EVENT = b"data: this is not JSON {\n\n"
 GARBAGE_BODY = b"<html>this is not JSON {"
+# What a reverse proxy in front of a dead vLLM answers (nginx's page).
+HTML_502 = (b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+            b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")
+HUGE_LINE_BYTES = 10 * 1024 * 1024  # the huge_line fault's line: 10 MB without a newline
 
 
 # --- embeddings ------------------------------------------------------------------------

@@ -191,3 +191,72 @@ def test_the_relays_byte_path_gives_what_its_json_path_gives(sim, public):
         assert all(e["model"] == public for e in events)
         assert all("usage" not in e for e in events if e["choices"])  # per-chunk usage cut
         assert any(not e["choices"] for e in events) == wants_usage  # the final usage chunk only if asked
+
+
+def test_a_json_answer_larger_than_the_read_buffer_is_read_whole():
+    """Past PAUSE_AT buffered bytes reading pauses; read() must take them and resume, not wait for the timeout."""
+    from proxy.gateway.upstream_http import PAUSE_AT
+
+    async def run():
+        client = UpstreamHTTP(embedder.base_url, None, connect_timeout=2, read_timeout=3)
+        try:
+            body = {"model": "BAAI/bge-m3", "input": [f"text number {i}" for i in range(100)]}
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            response = await client.post("/embeddings", orjson.dumps(body), "req-big")
+            raw = await response.read()
+            response.release()
+            return response.status, raw, loop.time() - started
+        finally:
+            await client.close()
+
+    with start_simulator("--model", "BAAI/bge-m3", "--runner", "pooling") as embedder:
+        status, raw, seconds = asyncio.run(run())
+    assert status == 200 and len(raw) > 2 * PAUSE_AT
+    assert len(orjson.loads(raw)["data"]) == 100
+    assert seconds < 3  # not ended by the read timeout
+
+
+def test_the_relay_gives_the_same_events_whatever_the_pieces_and_a_huge_line_costs_linear_time(sim):
+    """Events split anywhere (even between the two newlines) re-frame as when whole; a 10 MB line in 4 KB
+    reads is held and joined once, not copied and rescanned at every read (seconds of a blocked event loop)."""
+    import time
+
+    from proxy.gateway.ledger import Usage
+    from proxy.gateway.relay import _StreamRelay
+
+    body = dict(CHAT, max_tokens=8, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
+
+    async def fetch():
+        client = UpstreamHTTP(sim.base_url, None, connect_timeout=2, read_timeout=5)
+        try:
+            response = await client.post("/chat/completions", orjson.dumps(body), "r")
+            raw = b"".join([piece async for piece in response.iter_any()])
+            response.release()
+            return raw
+        finally:
+            await client.close()
+
+    raw = asyncio.run(fetch())
+
+    def relay_in(size: int, data: bytes) -> tuple[bytes, int, bool]:
+        usage = Usage()
+        relay = _StreamRelay(usage, "chat", True, False, CHAT["model"], "public")
+        out = []
+        for i in range(0, len(data), size):  # as relay_stream reads: until the relay is finished
+            out.append(relay.feed(data[i:i + size]))
+            if relay.finished:
+                break
+        return b"".join(out), usage.completion_tokens, relay.done
+
+    whole = relay_in(len(raw), raw)
+    assert whole[1] == 8 and whole[2] and whole[0].endswith(b"data: [DONE]\n\n")
+    for size in (1, 2, 7, 64):
+        assert relay_in(size, raw) == whole
+    assert relay_in(1, b"data: {\"a\": 1}\n") == (b"", 0, False)  # an unfinished event is held, not sent
+
+    huge = b"data: " + b"x" * (10 << 20) + b"\n\n" + raw
+    started = time.process_time()
+    out, _, done = relay_in(4 << 10, huge)
+    assert time.process_time() - started < 1.5  # about 0.1 s; copied and rescanned at each read: over 10 s
+    assert out == b"" and not done  # the garbage line ends the relay (relay_stream answers the error event)

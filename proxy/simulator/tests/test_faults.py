@@ -189,3 +189,38 @@ def test_stop_makes_connections_refused_and_kill_works():
     k = start_simulator()
     k.kill()
     assert not k.alive and k.process.returncode == -9
+
+
+def test_html_502_is_a_proxys_error_page(sim):
+    r = post(sim, CHAT, "html_502")
+    assert r.status_code == 502 and r.headers["content-type"].startswith("text/html")
+    assert b"<title>502 Bad Gateway</title>" in r.content
+    assert post(sim, STREAM, "html_502").status_code == 502  # streams too: before any event
+    client = openai.OpenAI(base_url=sim.base_url, api_key="x", max_retries=0,
+                           default_headers={"x-sim-fault": "html_502"})
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model="Qwen/Qwen2.5-7B-Instruct", messages=MSGS)
+    assert exc.value.status_code == 502
+    assert sim.stats()["faults"]["html_502"] == 3
+
+
+def test_huge_line_sends_10_mb_without_a_newline_then_closes(sim):
+    data, error = [], None
+    tail = b""
+    try:
+        with httpx.stream("POST", sim.base_url + "/chat/completions", json=STREAM,
+                          headers={"x-sim-fault": "huge_line"}, timeout=10) as r:
+            assert r.status_code == 200
+            for piece in r.iter_raw():
+                tail = (tail + piece)[-(11 << 20):]
+    except httpx.TransportError as exc:
+        error = exc
+    assert isinstance(error, httpx.RemoteProtocolError)  # closed mid-body, no [DONE]
+    events = tail.split(b"\n\n")
+    assert len(events[-1]) >= 10 * 1024 * 1024 and b"\n" not in events[-1]
+    assert events[-1].startswith(b"data: xxxx") and b"[DONE]" not in tail
+    assert all(json.loads(e[6:])["choices"] for e in events[:-1] if e.startswith(b"data: "))
+    with pytest.raises(httpx.RemoteProtocolError):  # non-streamed: one huge unfinished JSON line
+        post(sim, CHAT, "huge_line", timeout=10)
+    assert sim.stats()["faults"]["huge_line"] == 2
+    assert post(sim, CHAT).status_code == 200
