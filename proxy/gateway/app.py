@@ -43,6 +43,10 @@ class Gateway:
     def degraded_total(self) -> int:
         return self.limits.degraded_total + self.fair_queue.degraded_total
 
+    def usage_waiting(self) -> int:
+        """Settlements this process keeps until the database is back (proxy.gateway.ledger.postgres)."""
+        return len(getattr(ledger.backend(), "spool", ()))
+
     async def metrics(self, scope, receive, send) -> None:
         """GET /metrics: Prometheus text, for a scraper with the token (or on loopback)."""
         if not may_scrape(scope):
@@ -170,7 +174,7 @@ class Gateway:
             await asyncio.shield(task)
         except asyncio.CancelledError:
             await task
-        except ApiError:
+        except ApiError:  # (the PostgreSQL ledger keeps what it cannot write: SQLite's own file failed)
             log.error("usage not recorded (database unavailable) request_id=%s", req.ex.request_id)
         await self.limits.settle(req.admission, req.usage.total_tokens)
         log_request(req)

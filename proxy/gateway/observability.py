@@ -54,7 +54,10 @@ class GatewayCollector:
         degraded = GaugeMetricFamily("qwenhub_redis_degraded_total",
                                      "Times Redis failed and limits fell back to this process")
         degraded.add_metric([], self.gateway.degraded_total())
-        yield from (up, in_flight, queued, degraded)
+        waiting = GaugeMetricFamily("qwenhub_usage_waiting_for_database",
+                                    "Usage rows of answered requests kept until the database is back (this process)")
+        waiting.add_metric([], self.gateway.usage_waiting())
+        yield from (up, in_flight, queued, degraded, waiting)
 
 
 def observe(*, model: str, member: str, status: str, prompt: int, completion: int, duration_s: float,

@@ -21,8 +21,21 @@ reservation rows actually deleted).
 
 Every statement sent is counted in RESERVE_STATEMENTS / SETTLE_STATEMENTS (a transaction's
 BEGIN and COMMIT too; one combined statement counts once).
+
+A settlement PostgreSQL cannot take (it went away while the request ran: the answer is already
+the client's) is kept in this process and written once the database is back (SPOOL_MAX at most,
+oldest first, retried with backoff): settling is idempotent, and one written after the sweep
+gave its reservation back charges its usage and releases nothing. Only a process that dies
+with settlements still spooled loses them (it logs how many at shutdown).
 """
+import asyncio
+import collections
+import logging
 from datetime import date
+
+log = logging.getLogger("qwenhub.gateway")
+SPOOL_MAX = 10_000
+SPOOL_RETRY_S = (0.25, 5.0)  # the first wait, the longest
 
 from proxy.gateway.db import DatabaseUnavailable, run_db
 from proxy.gateway.keys import KeyInfo
@@ -186,6 +199,9 @@ class PostgresLedger(Ledger):
         self._reservations = Combiner(self._reserve_one, self._reserve_batch, self._give_back)
         # Settlements by (counter id, team counter id).
         self._settlements = Combiner(self._settle_one, self._settle_batch)
+        # Settlements the database could not take, written once it is back (see the module's docstring).
+        self.spool: collections.deque[Settlement] = collections.deque()
+        self._drainer: asyncio.Task | None = None
 
     @property
     def pool(self) -> AsyncPostgres:
@@ -231,10 +247,38 @@ class PostgresLedger(Ledger):
             await self.pool.run(_release, result.reservation_id, result.counter_id)
 
     async def record(self, settlement: Settlement) -> None:
-        if settlement.counter_id is None:
-            await self._run_settlement(*_statement(settlement))
-        else:
-            await self._settlements.submit((settlement.counter_id, settlement.team_counter_id), settlement)
+        try:
+            if settlement.counter_id is None:
+                await self._run_settlement(*_statement(settlement))
+            else:
+                await self._settlements.submit((settlement.counter_id, settlement.team_counter_id), settlement)
+        except DatabaseUnavailable:
+            self._spool(settlement)
+
+    def _spool(self, settlement: Settlement) -> None:
+        if len(self.spool) >= SPOOL_MAX:
+            lost = self.spool.popleft()
+            log.error("usage not recorded (database unavailable, %d settlements waiting) request_id=%s",
+                      SPOOL_MAX, lost.values[0])
+        self.spool.append(settlement)
+        log.warning("usage kept until the database is back (%d waiting) request_id=%s", len(self.spool),
+                    settlement.values[0])
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        """Write the spooled settlements, oldest first, waiting longer after each failure."""
+        wait = SPOOL_RETRY_S[0]
+        while self.spool:
+            await asyncio.sleep(wait)
+            try:
+                while self.spool:
+                    await self.pool.run(_execute, *_statement(self.spool[0]))
+                    self.spool.popleft()
+            except DatabaseUnavailable:
+                wait = min(wait * 2, SPOOL_RETRY_S[1])
+            else:
+                log.warning("the database is back: the usage kept meanwhile is recorded")
 
     async def _run_settlement(self, sql: str, args: list) -> None:
         try:
@@ -257,6 +301,11 @@ class PostgresLedger(Ledger):
         return int(row[0]), int(row[1])
 
     async def close(self) -> None:
+        if self.spool:
+            log.error("usage not recorded for %d requests: the database was still unavailable at shutdown "
+                      "(their reservations are given back by the sweep)", len(self.spool))
+        if self._drainer is not None:
+            self._drainer.cancel()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()

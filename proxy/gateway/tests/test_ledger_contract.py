@@ -450,3 +450,50 @@ def test_reserving_and_settling_stay_one_statement_each_on_postgres():
     assert plain == (1, 1)
     assert capped_counts == (4, 1)  # BEGIN, member, team (with the row), COMMIT — as before the rows
     assert not QuotaReservation.objects.exists()
+
+
+def test_postgres_keeps_what_the_database_cannot_take_and_writes_it_once_it_is_back(monkeypatch, caplog):
+    """An answered request whose settlement meets PostgreSQL gone: kept in the process, written once, later."""
+    from proxy.gateway.ledger import postgres
+    from proxy.gateway.tests.test_db import _kill_gateway_connections
+
+    world = World(PostgresLedger(), "default")
+    key = world.member(token_quota=10_000)
+    monkeypatch.setattr(postgres, "SPOOL_MAX", 2)
+    monkeypatch.setattr(postgres, "SPOOL_RETRY_S", (0.05, 0.2))
+    usage = Usage(prompt_tokens=30, completion_tokens=20)
+
+    async def main():
+        pool = world.ledger.pool
+        reservations = [await world.ledger.reserve(key=key, tokens=100) for _ in range(3)]
+        port = pool.connect_kwargs.get("port")
+        pool.connect_kwargs["port"] = 1  # nothing listens there: the database is gone
+        _kill_gateway_connections()
+        for n, reservation in enumerate(reservations):  # none raises: the answers were already given
+            await world.ledger.settle(row=_row(key, reservation, f"req-kept-{n}"), usage=usage,
+                                      reservation=reservation)
+        kept = [s.values[0] for s in world.ledger.spool]
+        written_meanwhile = await asyncio.to_thread(lambda: world.rows(key).count())
+        await asyncio.sleep(0.3)  # retried meanwhile, in vain
+        pool.connect_kwargs["port"] = port
+        for _ in range(200):
+            if not world.ledger.spool:
+                break
+            await asyncio.sleep(0.05)
+        # a settlement given again (a retry of the same request) changes nothing
+        await world.ledger.settle(row=_row(key, reservations[2], "req-kept-2"), usage=usage,
+                                  reservation=reservations[2])
+        return kept, written_meanwhile
+
+    with caplog.at_level("WARNING", logger="qwenhub.gateway"):
+        kept, written_meanwhile = world.run(main)
+    assert kept == ["req-kept-1", "req-kept-2"] and written_meanwhile == 0  # at most SPOOL_MAX, the oldest dropped
+    assert sorted(world.rows(key).values_list("request_id", flat=True)) == ["req-kept-1", "req-kept-2"]
+    counter = world.counter(key)
+    # the dropped one's reservation is the sweep's; the two written were charged once and released
+    assert (counter.requests_used, counter.tokens_used, counter.requests_reserved) == (2, 100, 1)
+    assert QuotaReservation.objects.filter(counter=counter).count() == 1
+    log = caplog.text
+    assert "usage kept until the database is back (1 waiting) request_id=req-kept-0" in log
+    assert "usage not recorded (database unavailable, 2 settlements waiting) request_id=req-kept-0" in log
+    assert "the database is back" in log
