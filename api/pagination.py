@@ -6,7 +6,7 @@ meanwhile (always newer) never shift the pages already being read.
 """
 import base64
 import binascii
-from datetime import datetime
+from datetime import datetime, timezone
 
 from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
@@ -31,8 +31,8 @@ class KeysetPagination(BasePagination):
             parsed = datetime.fromisoformat(when)
             if parsed.tzinfo is None:  # every cursor this API hands out has its offset
                 raise ValueError(when)
-            return parsed, int(pk)
-        except (ValueError, UnicodeError, binascii.Error):
+            return parsed.astimezone(timezone.utc), int(pk)  # PostgreSQL takes offsets up to ±15:59 only
+        except (ValueError, OverflowError, UnicodeError, binascii.Error):
             raise exceptions.ValidationError({self.cursor_query_param: [CURSOR_INVALID]}) from None
 
     @staticmethod
