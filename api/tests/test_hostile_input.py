@@ -550,3 +550,17 @@ def test_session_with_hostile_team_parameter(world):
         assert response.status_code in (200, 404), (team[:20], response.status_code)
         if response.status_code == 404:
             assert_error_shape(response, statuses=(404,))
+
+
+def test_session_writes_with_a_missing_or_hostile_csrf_token_are_403(world):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(world.admin.user)
+    client.cookies["csrftoken"] = "A" * 32  # a well-formed secret: only the header is wrong ("A" * 32 would match)
+    writes = _write_paths(world)
+    for token in (None, "", "x", "B" * 32, "A" * 64, _wire(b"\x00" * 64), _wire("é".encode() * 32), "a" * 100_000):
+        extra = {} if token is None else {"HTTP_X_CSRFTOKEN": token}
+        for path in writes:
+            response = client.post(path, {"label": "x", "reason": "r"}, content_type="application/json", **extra)
+            assert response.status_code == 403, (path, (token or "")[:10], response.status_code)
+            assert "CSRF" in assert_error_shape(response, statuses=(403,))["message"]
+    assert not ApiKey.objects.filter(label="x").exists() and not ApiKey.objects.filter(revoked_at__isnull=False).exists()

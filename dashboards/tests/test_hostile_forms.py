@@ -285,6 +285,73 @@ def test_password_change(alice, data, urlencoded):
         alice.user.save(update_fields=["password"])
 
 
+passwords = valid_text.filter(lambda p: len(p) >= 10) | st.sampled_from(["correct horse battery staple", "\u202e" * 12,
+                                                                         "🙂" * 10, "e\u0301" * 8, "x" * 4096])
+
+
+def _set_password_link(prefix: str, user, generator) -> str:
+    from django.utils.encoding import force_bytes
+    from django.utils.http import urlsafe_base64_encode
+
+    return f"{prefix}{urlsafe_base64_encode(force_bytes(user.pk))}/{generator.make_token(user)}/"
+
+
+@pytest.mark.parametrize("kind", ["reset", "invite"])
+def test_set_password_forms_behind_a_valid_link(team, admin, kind):
+    """The reset and invitation forms themselves (a valid link, the token in the session), with hostile passwords."""
+    from django.contrib.auth.tokens import default_token_generator
+
+    from tenants.services import INVITE_TOKENS, member_invite
+
+    accepted = []
+
+    @FEWER
+    @given(data=hostile_form({"new_password1": passwords, "new_password2": passwords},
+                             new_password1=text, new_password2=text)
+           .map(lambda d: {**d, "new_password2": d["new_password1"]} if "new_password1" in d and len(d) == 2 else d))
+    def run(data):
+        if kind == "reset":
+            user = member_add(team=team, username=f"r{Member.objects.count()}", email="r@example.org",
+                              password="pw-old-123456").user
+            link = _set_password_link("/accounts/password/reset/", user, default_token_generator)
+        else:
+            user = member_invite(team=team, email=f"i{Member.objects.count()}@example.org",
+                                 username=f"i{Member.objects.count()}", actor=admin.user).user
+            link = _set_password_link("/accounts/invite/", user, INVITE_TOKENS)
+        client = Client()
+        form_page = client.get(link, follow=True)
+        assert form_page.status_code == 200 and b"new_password1" in form_page.content
+        set_password_url = form_page.redirect_chain[-1][0]
+        response = post(client, set_password_url, data, urlencoded=True)
+        assert response.status_code in (200, 302), response.status_code
+        user.refresh_from_db()
+        if response.status_code == 302:
+            accepted.append(data)
+            chosen = data["new_password1"]
+            assert user.check_password(chosen[-1] if isinstance(chosen, list) else chosen)  # a repeated key: the last
+            assert_pages_render(client, "/" if kind == "invite" else "/accounts/login/")
+        else:
+            assert b"errorlist" in response.content
+            assert user.check_password("pw-old-123456") if kind == "reset" else not user.has_usable_password()
+
+    run()
+    assert accepted
+
+
+@HYPOTHESIS
+@given(data=form(language=text | st.sampled_from(["en", "zh-hans", "zh-Hans", "xx", "en\x00", "../en"]),
+                 next=text | st.sampled_from(["//evil.example", "/team/", "javascript:1", "0"])),
+       accept_language=st.sampled_from(["", "zh-Hans", "zz-" + "x" * 10_000, "*;q=NaN", "en;q=2,zh;q=-1", "\x7f"])
+       | st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=40))
+def test_language_switcher_and_accept_language(alice_client, data, accept_language):
+    response = alice_client.post("/i18n/setlang/", data, HTTP_ACCEPT_LANGUAGE=accept_language)
+    assert response.status_code in (200, 204, 302), response.status_code
+    if response.status_code == 302:
+        assert urlsplit(response["Location"]).netloc in ("", "testserver")
+    for path in ("/", "/keys/"):
+        assert alice_client.get(path, HTTP_ACCEPT_LANGUAGE=accept_language).status_code == 200
+
+
 @HYPOTHESIS
 @given(data=form(email=text | st.sampled_from(["alice@example.org", "ALICE@EXAMPLE.ORG", "a@b", "@", "a@b.c\x00"])),
        urlencoded=st.booleans())
@@ -493,6 +560,7 @@ def _posts(admin, alice, closed):
         ("/team/periods/close/", {"month": "2000-01"}),
         (f"/team/periods/{closed.pk}/actual-cost/", {"amount": "1", "reason": "r"}),
         (f"/team/periods/{closed.pk}/finalize/", {}),
+        ("/i18n/setlang/", {"language": "zh-hans"}),
         ("/accounts/logout/", {}),
     ]
 
