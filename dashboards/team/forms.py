@@ -16,7 +16,11 @@ def _reason_field():
                            widget=forms.TextInput(attrs={"size": 40}))
 
 
-def _limit(label, *, min_value=0, max_value=2**63 - 1):
+# A monthly quota's ceiling, as the API's: the open month's limit is quota + top-ups in a bigint column.
+QUOTA_MAX = 2**62
+
+
+def _limit(label, *, min_value=0, max_value=QUOTA_MAX):
     return forms.IntegerField(label=label, required=False, min_value=min_value, max_value=max_value,
                               help_text=_("Empty: unlimited."))
 
