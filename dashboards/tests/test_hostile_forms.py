@@ -225,6 +225,17 @@ def test_team_switch(admin_client, admin, data, referer, urlencoded):
     assert_pages_render(admin_client, "/keys/")
 
 
+@HYPOTHESIS
+@given(next_=text | st.sampled_from(["//evil.example", "https://evil.example/", "0", "x:", "/team/", "\\\\evil"]))
+def test_logout_with_any_next(admin, next_):
+    client = Client()
+    client.force_login(admin.user)
+    response = client.post("/accounts/logout/", {"next": next_})
+    assert response.status_code == 302, response.status_code
+    assert urlsplit(response["Location"]).netloc in ("", "testserver"), response["Location"]
+    assert "_auth_user_id" not in client.session
+
+
 # --- the request list, its CSV, and the overview's chart span ---------------------------------
 
 @FEWER
@@ -545,8 +556,11 @@ def test_period_actual_cost(admin_client, alice_client, closed):
 def test_period_actions_on_ids_that_do_not_exist(admin_client, closed, period_id, body):
     for action in ("actual-cost", "finalize"):
         assert admin_client.post(f"/team/periods/{period_id}/{action}/", body).status_code == 404
-    for path in (f"/team/periods/{period_id}/", f"/team/members/{period_id}/"):
+    for path in (f"/team/periods/{period_id}/", f"/team/members/{period_id}/", f"/invoices/{period_id}/"):
         assert admin_client.get(path).status_code == 404
+    for path in (f"/team/members/{period_id}/limits/", f"/team/members/{period_id}/suspend/",
+                 f"/team/keys/{period_id}/revoke/"):
+        assert admin_client.post(path, {"reason": "r", "weight": "1"}).status_code == 404
 
 
 def test_finalize_of_an_open_or_closed_period_redirects(admin_client, closed, monkeypatch):
