@@ -72,7 +72,8 @@ valid_text = st.sampled_from([
 
 def assert_error_shape(response, *, statuses=range(400, 500)) -> dict:
     assert response.status_code in statuses, (response.status_code, response.content[:300])
-    assert response["Content-Type"].startswith("application/json"), response["Content-Type"]
+    content_type = response.headers["Content-Type"]  # a test client's response or httpx's
+    assert content_type.startswith("application/json"), content_type
     error = response.json()["error"]
     assert set(error) == {"type", "message", "fields"}, error
     assert error["type"] == ERROR_TYPES.get(response.status_code, "error"), (response.status_code, error)
@@ -565,3 +566,86 @@ def test_session_writes_with_a_missing_or_hostile_csrf_token_are_403(world):
             assert response.status_code == 403, (path, (token or "")[:10], response.status_code)
             assert "CSRF" in assert_error_shape(response, statuses=(403,))["message"]
     assert not ApiKey.objects.filter(label="x").exists() and not ApiKey.objects.filter(revoked_at__isnull=False).exists()
+
+
+def test_paths_of_invalid_utf8_are_404_in_the_error_shape(world):
+    admin = world.client(world.admin)
+    for path in ("/api/v1/%FF/", "/api/v1/teams/%FF/members/", "/api/v1/me/%ED%A0%80/", "/api/v1/%00/",
+                 "/api/v1/teams/lab/members/%C3/", "/v1/organization/%FF", "/api/v1/teams/lab/periods/%FF%FE/close/"):
+        assert_error_shape(admin.get(path), statuses=(404,))
+        assert_error_shape(admin.post(path, b"{}", content_type="application/json"), statuses=(404,))
+
+
+# --- over real HTTP, through qwenhub.asgi (what uvicorn hands Django, not what the test client builds) ----
+
+@pytest.fixture(scope="module")
+def asgi_server(django_db_setup, tmp_path_factory):
+    from proxy.gateway.tests.conftest import GatewayProcess
+
+    process = GatewayProcess(tmp_path_factory.mktemp("asgi-hostile"))
+    yield process
+    process.stop()
+
+
+def _raw_request(url: str, request: bytes) -> int | None:
+    """Send bytes as they are; the status line's code, or None when the server closed without one."""
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(url)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        try:
+            while b"\r\n" not in data:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        except ConnectionResetError:
+            return None
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
+
+
+def test_hostile_requests_over_asgi(transactional_db, asgi_server, settings):
+    import httpx
+
+    from billing.tests.factories import MemberJoinedFactory
+    from tenants.tests.factories import ApiKeyFactory, TeamFactory
+
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    member = MemberJoinedFactory(team=TeamFactory(slug="asgi-lab"))
+    raw = ApiKeyFactory(member=member).raw
+    key = {"Authorization": f"Bearer {raw}"}
+    with httpx.Client(base_url=asgi_server.url, timeout=10) as http:
+        assert http.get("/api/v1/me/", headers=key).status_code == 200  # the refusals below are about the input
+        for header in (b"Bearer \xff\xfe", b"Bearer \xc3\x28" + b"A" * 40, "Bearer 密钥".encode(), b"Bearer",
+                       b"Basic \x80", b"Bearer " + b"A" * 8000):
+            response = http.get("/api/v1/me/", headers={"Authorization": header})
+            assert_error_shape(response, statuses=(401,))
+        for body in (b"\xff\xfe", b'{"label": "\xed\xa0\x80"}', b"[" * 10_000, b'{"expires_days": NaN}'):
+            response = http.post("/api/v1/me/keys/create/", content=body,
+                                 headers={**key, "Content-Type": "application/json"})
+            assert_error_shape(response, statuses=(400,))
+        response = http.post("/api/v1/me/keys/create/", content=b'{"label": "' + b"x" * 3_000_000 + b'"}',
+                             headers={**key, "Content-Type": "application/json"})
+        assert_error_shape(response, statuses=(413,))
+        assert_error_shape(http.get("/api/v1/%FF%FE/", headers=key), statuses=(404,))
+        assert http.get("/api/v1/me/usage/", params={"cursor": "\x00", "page_size": "²"}, headers=key
+                        ).status_code == 400
+        # the dashboards over ASGI: a sign-in without CSRF is a 403, a filter of invalid UTF-8 a redirect to sign in
+        assert http.post("/accounts/login/", data={"username": "x\x00", "password": "y"}).status_code == 403
+        assert http.get("/requests/?since=%FF&model=%ED%A0%80").status_code == 302
+    assert ApiKey.objects.filter(member=member).count() == 1  # only the factory's: nothing was issued
+    # bytes no client library sends: an invalid UTF-8 request target, raw NUL and 8-bit bytes in headers
+    for request in (b"GET /api/v1/\xff\xfe/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                    b"GET /api/v1/me/?team=\xff HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + raw.encode()
+                    + b"\r\n\r\n",
+                    b"GET /api/v1/me/ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \x00\r\n\r\n",
+                    b"GET /api/v1/me/ HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + b"A" * 100_000 + b"\r\n\r\n",
+                    b"GET /requests/?since=\xff HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"):
+        status = _raw_request(asgi_server.url, request)
+        assert status is None or status < 500, (request[:60], status)
+    assert httpx.get(asgi_server.url + "/api/v1/me/", headers=key, timeout=10).status_code == 200
+    log = asgi_server.log_path.read_text(errors="replace")
+    assert "Internal Server Error" not in log and "Traceback" not in log, log[-3000:]
