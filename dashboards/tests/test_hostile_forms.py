@@ -739,3 +739,39 @@ def test_every_listed_number_as_a_key_expiry(alice_client, alice):
     expiring = ApiKey.objects.filter(member=alice, expires_at__isnull=False)
     assert all(1 <= (k.expires_at - k.created_at).days + 1 <= 3650 for k in expiring)
     assert_pages_render(alice_client, "/keys/", "/")
+
+
+# --- every page that shows what was stored, the admin's included --------------------------------
+
+STORED = [v for v in SPECIAL_TEXT if v.strip() and "\x00" not in v and len(v) <= 100 and "\r" not in v]
+
+
+def test_hostile_values_stored_through_the_forms_render_everywhere(admin_client, alice_client, admin, alice, closed):
+    """Labels, reasons and usernames of the hostile-but-valid kind, stored through the forms, then every page read."""
+    from django.contrib.auth import get_user_model
+
+    for n, value in enumerate(STORED):
+        assert alice_client.post("/keys/new/", {"label": value}).status_code == 200, value
+        assert admin_client.post(f"/team/members/{alice.pk}/limits/",
+                                 {"weight": str(n + 1), "reason": value}).status_code == 302, value
+    key = ApiKey.objects.filter(member=alice).latest("pk")
+    assert admin_client.post(f"/team/keys/{key.pk}/revoke/", {"reason": STORED[0]}).status_code == 302
+    for n, username in enumerate(("名前", "\u05e9\u05dc\u05d5\u05dd", "e.x+y@z-1_", "a" * 150)):
+        response = admin_client.post("/accounts/invite/", {"email": f"invited{n}@example.org",
+                                                          "username": username, "role": "member", "reason": STORED[1]})
+        assert response.status_code == 302, (username, response.status_code)
+    assert admin_client.post(f"/team/periods/{closed.pk}/actual-cost/",
+                             {"amount": "2999.50", "reason": STORED[2]}).status_code == 302
+    invited = Member.objects.filter(team=alice.team).exclude(pk__in=[admin.pk, alice.pk])
+    assert invited.count() == 4
+    assert_pages_render(alice_client, "/", "/keys/", "/requests/", "/requests.csv", "/invoices/", "/?months=12")
+    assert_pages_render(admin_client, "/team/", "/team/export.csv", "/team/periods/", f"/team/periods/{closed.pk}/",
+                        f"/team/members/{alice.pk}/", *[f"/team/members/{m.pk}/" for m in invited],
+                        "/api/v1/teams/lab/members/", "/api/v1/teams/lab/audit-events/?page_size=200")
+    superuser = get_user_model().objects.create_superuser("root", "root@example.org", "pw-root-123")
+    site_admin = Client()
+    site_admin.force_login(superuser)
+    assert_pages_render(site_admin, *[f"/admin/{model}/" for model in (
+        "tenants/team", "tenants/member", "tenants/apikey", "tenants/auditevent", "billing/billingperiod",
+        "billing/invoice")], f"/admin/tenants/apikey/{key.pk}/change/", f"/admin/tenants/member/{alice.pk}/change/",
+        "/admin/tenants/apikey/?q=" + STORED[0], "/admin/tenants/member/?q=%E5%90%8D")
