@@ -7,6 +7,7 @@
   a 403. Objects are always looked up through the caller's member or team, so another
   member's or team's object is a 404, never a 403.
 """
+from django.core.validators import slug_re
 from django.http import Http404
 from django.utils.translation import gettext_lazy as _
 from drf_spectacular.types import OpenApiTypes
@@ -32,6 +33,8 @@ def caller_membership(request) -> Member:
         return request.auth.member
     slug = request.query_params.get("team")
     if slug:
+        if not slug_re.match(slug):  # not a slug (a NUL byte would not even reach PostgreSQL): no such team
+            raise Http404
         member = membership_for_user(user=request.user, team_slug=slug)
         if member is None:
             raise Http404

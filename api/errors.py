@@ -3,7 +3,7 @@
 `type` is one of ERROR_TYPES; `fields` maps an input field to its messages (400 only,
 else empty); a service's django ValidationError is a 400 like a serializer's.
 """
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404
 from django.utils.translation import gettext_lazy as _
@@ -15,6 +15,13 @@ from rest_framework.views import APIView
 from rest_framework.views import exception_handler as drf_exception_handler
 
 INVALID = _("The request is invalid: see fields.")
+TOO_LARGE = _("The request body is too large.")
+
+
+class RequestTooLarge(exceptions.APIException):
+    status_code = 413
+    default_detail = TOO_LARGE
+    default_code = "request_too_large"
 
 ERROR_TYPES = {
     400: "invalid_request",
@@ -24,6 +31,7 @@ ERROR_TYPES = {
     405: "method_not_allowed",
     406: "not_acceptable",
     409: "conflict",
+    413: "request_too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
 }
@@ -57,6 +65,8 @@ def exception_handler(exc, context):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
         exc = exceptions.PermissionDenied()
+    elif isinstance(exc, RequestDataTooBig):  # a body over DATA_UPLOAD_MAX_MEMORY_SIZE (else Django's HTML 400)
+        exc = RequestTooLarge()
     response = drf_exception_handler(exc, context)
     if response is None:
         return None  # a 500: Django's handler logs it

@@ -6,7 +6,7 @@ meanwhile (always newer) never shift the pages already being read.
 """
 import base64
 import binascii
-from datetime import datetime
+from datetime import datetime, timezone
 
 from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
@@ -28,8 +28,11 @@ class KeysetPagination(BasePagination):
     def _decode(self, value: str) -> tuple[datetime, int]:
         try:
             when, _sep, pk = base64.urlsafe_b64decode(value.encode("ascii")).decode().partition("|")
-            return datetime.fromisoformat(when), int(pk)
-        except (ValueError, UnicodeError, binascii.Error):
+            parsed = datetime.fromisoformat(when)
+            if parsed.tzinfo is None:  # every cursor this API hands out has its offset
+                raise ValueError(when)
+            return parsed.astimezone(timezone.utc), int(pk)  # PostgreSQL takes offsets up to ±15:59 only
+        except (ValueError, OverflowError, UnicodeError, binascii.Error):
             raise exceptions.ValidationError({self.cursor_query_param: [CURSOR_INVALID]}) from None
 
     @staticmethod
@@ -40,7 +43,8 @@ class KeysetPagination(BasePagination):
         raw = request.query_params.get(self.page_size_query_param)
         if raw is None:
             return self.page_size
-        if not raw.isdigit() or not 1 <= int(raw) <= self.max_page_size:
+        # ASCII digits, few of them: "²" is a digit int() refuses, and 5000 digits exceed its limit
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= self.max_page_size:
             raise exceptions.ValidationError(
                 {self.page_size_query_param: [_("A whole number from 1 to %(max)d.") % {"max": self.max_page_size}]})
         return int(raw)

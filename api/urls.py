@@ -9,6 +9,7 @@ from django.urls import include, path, re_path, register_converter
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from api.apis import me, teams
+from api.apis.common import FIRST_DAY, LAST_DAY
 from api.errors import NotFoundApi
 
 app_name = "api"
@@ -18,7 +19,10 @@ class MonthConverter:
     regex = r"\d{4}-(?:0[1-9]|1[0-2])"
 
     def to_python(self, value: str) -> date:
-        return date.fromisoformat(value + "-01")
+        month = date.fromisoformat(value + "-01")
+        if not FIRST_DAY <= month <= LAST_DAY:  # year 1 or 9999 would overflow in a team's time zone
+            raise ValueError(value)  # no match: the API's 404
+        return month
 
     def to_url(self, value) -> str:
         return value if isinstance(value, str) else f"{value:%Y-%m}"

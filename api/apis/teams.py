@@ -14,7 +14,7 @@ from rest_framework.response import Response
 
 from api.access import TeamAdminApi, get_or_404
 from api.apis.common import (
-    DateRangeSerializer, DayUsageSerializer, InvoiceDetailSerializer, InvoiceSerializer, MoneySerializer,
+    FIRST_DAY, LAST_DAY, DateRangeSerializer, DayUsageSerializer, InvoiceDetailSerializer, InvoiceSerializer, MoneySerializer,
     ReasonInputSerializer, StrictInputSerializer, invoice_detail_data,
 )
 from api.errors import ADMIN_ERRORS
@@ -35,6 +35,7 @@ PERIOD_NOT_OVER = _("This month is not over yet in the team's time zone.")
 NO_SUCH_PERIOD = _("This team has no billing period for that month.")
 SUSPEND_SELF = _("You cannot suspend your own membership.")
 ALREADY = _("The membership is already %(state)s.")
+MONTH_OUT_OF_RANGE = _("A month from %(first)s to %(last)s, YYYY-MM.") % {"first": "2000-01", "last": "2999-12"}
 
 SLUG = OpenApiParameter("slug", OpenApiTypes.STR, OpenApiParameter.PATH, description="The team's slug.")
 MONTH = OpenApiParameter("month", OpenApiTypes.STR, OpenApiParameter.PATH, pattern=r"^\d{4}-(0[1-9]|1[0-2])$",
@@ -332,6 +333,15 @@ class PeriodSetActualCostApi(TeamAdminApi):
 
 class TeamInvoiceFilterSerializer(serializers.Serializer):
     month = serializers.RegexField(r"^\d{4}-(0[1-9]|1[0-2])$", required=False, help_text="Only this month, YYYY-MM.")
+
+    def validate_month(self, value: str) -> str:
+        try:
+            start = date.fromisoformat(value + "-01")  # refuses year 0 and non-ASCII digits (\d matches them)
+        except ValueError:
+            start = None
+        if start is None or not FIRST_DAY <= start <= LAST_DAY:
+            raise serializers.ValidationError(MONTH_OUT_OF_RANGE)
+        return value
 
 
 class TeamInvoiceSerializer(InvoiceSerializer):

@@ -1,5 +1,6 @@
 """The member's forms: only the fields a member may set (a key's label and expiry; list filters)."""
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
+from datetime import timezone as dt_timezone
 
 from django import forms
 from django.utils.translation import gettext_lazy as _
@@ -18,11 +19,24 @@ class ApiKeyCreateForm(forms.Form):
                                       max_value=MAX_EXPIRY_DAYS, help_text=_("Empty: never expires."))
 
 
+# Days QwenHub can hold and shift between time zones (9999-12-31 has no next day): as the API's.
+FIRST_DAY, LAST_DAY = date(2000, 1, 1), date(2999, 12, 31)
+
+
+class DayField(forms.DateField):
+    widget = forms.DateInput(attrs={"type": "date"})
+
+    def validate(self, value):
+        super().validate(value)
+        if value and not FIRST_DAY <= value <= LAST_DAY:
+            raise forms.ValidationError(_("A day from %(first)s to %(last)s.") % {"first": FIRST_DAY, "last": LAST_DAY})
+
+
 class UsageFilterForm(forms.Form):
     """Filters of the request list and its CSV export; days are the team's, both included."""
 
-    since = forms.DateField(label=_("From"), required=False, widget=forms.DateInput(attrs={"type": "date"}))
-    until = forms.DateField(label=_("To"), required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    since = DayField(label=_("From"), required=False)
+    until = DayField(label=_("To"), required=False)
     model = forms.CharField(label=_("Model"), max_length=200, required=False)
     status = forms.ChoiceField(label=_("Status"), required=False,
                                choices=[("", _("any"))] + list(UsageRecord.Status.choices))
@@ -38,8 +52,11 @@ class UsageFilterForm(forms.Form):
             parsed = datetime.fromisoformat(when)
             if parsed.tzinfo is None:
                 raise ValueError(when)
+            parsed = parsed.astimezone(dt_timezone.utc)  # PostgreSQL takes offsets up to ±15:59 only
+            if not FIRST_DAY <= parsed.date() <= LAST_DAY:
+                raise ValueError(when)
             return parsed, int(pk)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise forms.ValidationError(_("This page link is not valid: start from the first page.")) from None
 
     def clean(self):

@@ -17,7 +17,7 @@ from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.core.handlers.asgi import ASGIRequest
 from django.db.models import Q
-from django.http import StreamingHttpResponse
+from django.http import HttpResponseRedirect, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -310,7 +310,8 @@ def team_switch(request):
     if any(m.team.slug == slug for m in request.memberships):
         request.session[SESSION_KEY] = slug
     target = request.POST.get("next") or request.META.get("HTTP_REFERER") or "/"
-    if not url_has_allowed_host_and_scheme(target, allowed_hosts={request.get_host()},
-                                           require_https=request.is_secure()):
+    # A path or a URL of this site only; anything else (a view name to redirect(), "0", "x:") is the overview.
+    if not target.startswith(("/", "http://", "https://")) or not url_has_allowed_host_and_scheme(
+            target, allowed_hosts={request.get_host()}, require_https=request.is_secure()):
         target = "/"
-    return redirect(target)
+    return HttpResponseRedirect(target)

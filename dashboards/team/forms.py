@@ -7,6 +7,8 @@ from django.utils.translation import gettext_lazy as _
 
 REASON_HELP = _("Shown to the member in the history of their account.")
 MONTH = re.compile(r"^(\d{4})-(\d{2})$")
+# Months QwenHub can hold and shift between time zones without leaving datetime's range (as the API's days).
+FIRST_YEAR, LAST_YEAR = 2000, 2999
 
 
 def _reason_field():
@@ -14,7 +16,11 @@ def _reason_field():
                            widget=forms.TextInput(attrs={"size": 40}))
 
 
-def _limit(label, *, min_value=0, max_value=2**63 - 1):
+# A monthly quota's ceiling, as the API's: the open month's limit is quota + top-ups in a bigint column.
+QUOTA_MAX = 2**62
+
+
+def _limit(label, *, min_value=0, max_value=QUOTA_MAX):
     return forms.IntegerField(label=label, required=False, min_value=min_value, max_value=max_value,
                               help_text=_("Empty: unlimited."))
 
@@ -63,6 +69,6 @@ class MonthForm(forms.Form):
 
     def clean_month(self) -> date:
         match = MONTH.match(self.cleaned_data["month"].strip())
-        if not match or not 1 <= int(match.group(2)) <= 12:
+        if not match or not 1 <= int(match.group(2)) <= 12 or not FIRST_YEAR <= int(match.group(1)) <= LAST_YEAR:
             raise forms.ValidationError(_("Enter a month as YYYY-MM, e.g. 2026-11."))
         return date(int(match.group(1)), int(match.group(2)), 1)
