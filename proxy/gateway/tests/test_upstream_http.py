@@ -155,6 +155,18 @@ def test_refused_silent_and_broken_upstreams():
     assert b"".join(pieces) == b"hello" and idle == []  # a broken connection is never reused
 
 
+async def _stream_bytes(sim, body: dict) -> bytes:
+    """The raw bytes of a streamed answer of the simulator, through UpstreamHTTP."""
+    client = UpstreamHTTP(sim.base_url, None, connect_timeout=2, read_timeout=5)
+    try:
+        response = await client.post("/chat/completions", orjson.dumps(body), "r")
+        raw = b"".join([piece async for piece in response.iter_any()])
+        response.release()
+        return raw
+    finally:
+        await client.close()
+
+
 @pytest.mark.parametrize("public", ["Qwen/Qwen2.5-7B-Instruct", "qwen-public"])
 def test_the_relays_byte_path_gives_what_its_json_path_gives(sim, public):
     """The fast cut of per-chunk usage (chat, one choice) matches the full parse, event by event."""
@@ -163,17 +175,7 @@ def test_the_relays_byte_path_gives_what_its_json_path_gives(sim, public):
 
     body = dict(CHAT, max_tokens=6, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
 
-    async def fetch():
-        client = UpstreamHTTP(sim.base_url, None, connect_timeout=2, read_timeout=5)
-        try:
-            response = await client.post("/chat/completions", orjson.dumps(body), "r")
-            raw = b"".join([piece async for piece in response.iter_any()])
-            response.release()
-            return raw
-        finally:
-            await client.close()
-
-    raw = asyncio.run(fetch())
+    raw = asyncio.run(_stream_bytes(sim, body))
     outputs = {}
     for fast in (True, False):
         for wants_usage in (True, False):
@@ -227,17 +229,7 @@ def test_the_relay_gives_the_same_events_whatever_the_pieces_and_a_huge_line_cos
 
     body = dict(CHAT, max_tokens=8, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})
 
-    async def fetch():
-        client = UpstreamHTTP(sim.base_url, None, connect_timeout=2, read_timeout=5)
-        try:
-            response = await client.post("/chat/completions", orjson.dumps(body), "r")
-            raw = b"".join([piece async for piece in response.iter_any()])
-            response.release()
-            return raw
-        finally:
-            await client.close()
-
-    raw = asyncio.run(fetch())
+    raw = asyncio.run(_stream_bytes(sim, body))
 
     def relay_in(size: int, data: bytes) -> tuple[bytes, int, bool]:
         usage = Usage()
