@@ -23,7 +23,9 @@ from api.errors import ERROR_TYPES
 from tenants.models import ApiKey, Member
 from tenants.services import api_key_issue
 
-HYPOTHESIS = settings(max_examples=25, deadline=None, database=None,
+# derandomize: the same examples on every run (CI must not turn red by chance; the listed edge
+# values are sent alone on every run besides)
+HYPOTHESIS = settings(max_examples=25, deadline=None, database=None, derandomize=True,
                       suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                              HealthCheck.data_too_large])
 

@@ -25,7 +25,9 @@ from tenants.models import ApiKey, Member
 from tenants.services import api_key_issue, member_add, member_create, team_create
 
 pytestmark = pytest.mark.django_db
-HYPOTHESIS = settings(max_examples=25, deadline=None, database=None,
+# derandomize: the same examples on every run (CI must not turn red by chance; the listed edge
+# values are sent alone on every run besides)
+HYPOTHESIS = settings(max_examples=25, deadline=None, database=None, derandomize=True,
                       suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                              HealthCheck.data_too_large])
 FEWER = settings(HYPOTHESIS, max_examples=15)  # each accepted example recomputes drafts or reads several pages
@@ -291,7 +293,8 @@ def test_password_change(alice, data, urlencoded):
     if response.status_code == 302:
         assert_pages_render(client, "/")
         alice.user.refresh_from_db()
-        assert Client().login(username="alice", password=data["new_password1"])
+        new = data["new_password1"]
+        assert Client().login(username="alice", password=new[-1] if isinstance(new, list) else new)  # the last wins
         alice.user.set_password("pw-alice-123")
         alice.user.save(update_fields=["password"])
 
